@@ -1,0 +1,539 @@
+"""Look inside the model: live tensor shapes beside the code, head ablation, precision, KV cache.
+
+Every function here observes the shared model read-only: nothing is modified, and the
+results are plain pandas DataFrames, small dataclasses and strings that a UI can show.
+
+* :func:`trace_shapes`: every module call of a real forward pass, in order, with input and
+  output shapes and the line of ``gptviz/model.py`` that made the call (plus the attention
+  intermediates the model's :class:`~gptviz.model.Trace` records); :func:`model_source`
+  gives the source text those line numbers refer to.
+* :func:`ablate`: switch attention heads off (``head_mask``) and compare the next-token
+  candidates with the normal run.
+* :func:`compare_precision`: the same step in fp32 and in bf16 (or fp16).
+* :func:`kv_cache_table` and :func:`cache_savings`: what a :class:`~gptviz.model.KVCache`
+  holds and the work it saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import re
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+import tiktoken
+import torch
+import torch.nn as nn
+
+from . import model as model_module
+from .config import GPTConfig
+from .model import GPTModel, KVCache, MultiHeadAttention, Trace
+from .tokenizer import token_piece
+
+__all__ = [
+    "model_source",
+    "trace_shapes",
+    "collapse_blocks",
+    "parse_heads",
+    "head_mask_for",
+    "ablate",
+    "AblationResult",
+    "low_precision_copy",
+    "compare_precision",
+    "PrecisionResult",
+    "kv_cache_table",
+    "forward_flops",
+    "cache_savings",
+    "CacheSavings",
+]
+
+TokenIds = Sequence[int] | torch.Tensor
+HeadSpec = str | Iterable[tuple[int, int]] | torch.Tensor
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _batch(model: GPTModel, ids: TokenIds) -> torch.Tensor:
+    """Token ids as a ``(1, T)`` batch on the model's device, cropped to the last
+    ``context_length`` tokens (as generation crops them)."""
+    if model.training:
+        raise ValueError("the model is in training mode (dropout is active); call model.eval() first")
+    seq = torch.as_tensor(ids, dtype=torch.long)
+    seq = seq[0] if seq.dim() == 2 and seq.shape[0] == 1 else seq
+    if seq.dim() != 1:
+        raise ValueError(f"ids must be one sequence of token ids, got shape {tuple(seq.shape)}")
+    if not len(seq):
+        raise ValueError("no tokens: enter some text first")
+    return seq[-model.cfg.context_length :].unsqueeze(0).to(model.device)  # (1, T)
+
+
+@torch.no_grad()
+def _next_logits(model: GPTModel, batch: torch.Tensor, head_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of the next token, ``(vocab,)`` on the CPU (which also waits for an
+    accelerator to finish), exactly as a generation step computes them."""
+    return model(batch, head_mask=head_mask, last_only=True)[0, -1].cpu()
+
+
+def _piece(token_id: int, enc: tiktoken.Encoding | None) -> str:
+    try:
+        return token_piece(token_id, enc).text
+    except ValueError:  # a configuration with a vocabulary larger than GPT-2's
+        return f"<{token_id}>"
+
+
+def _side_by_side(
+    a: torch.Tensor, b: torch.Tensor, top_k: int, names: tuple[str, str], enc: tiktoken.Encoding | None
+) -> pd.DataFrame:
+    """Top-k candidates of two logit vectors side by side: each run's own top-k, and the
+    probability the second run gives the first run's tokens."""
+    pa, pb = torch.softmax(a.float(), -1), torch.softmax(b.float(), -1)
+    k = min(top_k, a.numel())
+    ta, tb = pa.topk(k), pb.topk(k)
+    na, nb = names
+    return pd.DataFrame(
+        {
+            "rank": range(1, k + 1),
+            f"{na} token": [_piece(i, enc) for i in ta.indices.tolist()],
+            f"{na} id": ta.indices.tolist(),
+            f"{na} p": ta.values.tolist(),
+            f"{nb} p (same token)": pb[ta.indices].tolist(),
+            f"{nb} token": [_piece(i, enc) for i in tb.indices.tolist()],
+            f"{nb} id": tb.indices.tolist(),
+            f"{nb} p": tb.values.tolist(),
+        }
+    )
+
+
+# --------------------------------------------------------------------------- shape tracer
+
+#: Where each tensor the model's Trace records is made, by the text of its line.
+_TRACE_MARKERS = {
+    "keys": "keys = keys.view(",
+    "queries": "queries = queries.view(",
+    "values": "values = values.view(",
+    "attn_scores": "attn_scores = queries @ keys",
+    "attn_weights": "attn_weights = torch.softmax(",
+    "context": "context_vec = (attn_weights @ values)",
+}
+_MODEL_FILE = GPTModel.forward.__code__.co_filename
+
+
+@functools.cache
+def _source_lines() -> tuple[str, ...]:
+    return tuple(inspect.getsource(model_module).splitlines())
+
+
+def model_source(obj: Any = None) -> tuple[str, int]:
+    """Source text of ``gptviz/model.py`` (or of one of its classes/functions, ``obj``) and
+    the file line number of its first line: the text the tracer's ``line`` numbers refer to."""
+    if obj is None:
+        return "\n".join(_source_lines()) + "\n", 1
+    lines, first = inspect.getsourcelines(obj)
+    return "".join(lines), first
+
+
+def _marker_line(func: Any, marker: str) -> int:
+    """File line number of the first line of ``func``'s source that contains ``marker``."""
+    lines, first = inspect.getsourcelines(func)
+    for offset, text in enumerate(lines):
+        if marker in text:
+            return first + offset
+    raise LookupError(f"{marker!r} not found in {func.__qualname__}: gptviz/model.py changed")
+
+
+def _call_site(frame: FrameType | None) -> int | None:
+    """Line of ``gptviz/model.py`` from which the module being entered was called."""
+    while frame is not None:
+        if frame.f_code.co_filename == _MODEL_FILE:
+            return frame.f_lineno
+        frame = frame.f_back
+    return None
+
+
+def _shapes(tensors: Iterable[Any]) -> str:
+    return "; ".join(str(tuple(t.shape)) for t in tensors if isinstance(t, torch.Tensor))
+
+
+def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False) -> pd.DataFrame:
+    """Every module call of one real forward pass over ``ids``, in forward order (a parent
+    before its children), with the attention intermediates the model's :class:`Trace`
+    records (split queries/keys/values, scores, weights, per-head context) in place.
+
+    Columns: ``depth`` (nesting), ``module`` (qualified name; traced tensors are
+    ``<attention module>:<name>``), ``kind`` (class name, or ``traced tensor``), ``input``
+    and ``output`` (shapes), ``line`` (line of ``gptviz/model.py`` that made the call or
+    produced the tensor, see :func:`model_source`) and ``code`` (that line's text).
+    ``collapse=True`` applies :func:`collapse_blocks`.
+
+    Shapes are taken by forward hooks, removed before returning. They are safe on a model
+    shared between threads: each hook records only calls made by the thread that
+    registered it, so other users' forward passes are neither recorded nor changed.
+    """
+    batch = _batch(model, ids)
+    owner = threading.get_ident()
+    rows: list[dict[str, Any]] = []
+    open_rows: list[dict[str, Any]] = []  # rows of the calls under way, innermost last
+    names = {module: name for name, module in model.named_modules()}
+    root_line = _marker_line(type(model).forward, "def forward")
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if threading.get_ident() != owner:
+            return
+        line = _call_site(sys._getframe(1))
+        row = {
+            "depth": len(open_rows),
+            "module": names[module] or type(module).__name__,
+            "kind": type(module).__name__,
+            "input": _shapes([*args, *kwargs.values()]),
+            "output": "",
+            "line": root_line if line is None else line,
+        }
+        rows.append(row)
+        open_rows.append(row)
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if threading.get_ident() != owner:
+            return
+        open_rows.pop()["output"] = _shapes(output if isinstance(output, tuple) else [output])
+
+    handles = []
+    try:
+        for module in names:
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(module.register_forward_hook(after, with_kwargs=True))
+        trace = Trace(names=_TRACE_MARKERS)
+        with torch.no_grad():
+            model(batch, trace=trace)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    # Put each attention layer's traced tensors among its children, in source-line order.
+    for i, block in enumerate(model.trf_blocks):
+        att = names[block.att]
+        start = next(j for j, r in enumerate(rows) if r["module"] == att) + 1
+        end = start
+        while end < len(rows) and rows[end]["module"].startswith(att + "."):
+            end += 1
+        traced = [
+            {
+                "depth": rows[start - 1]["depth"] + 1,
+                "module": f"{att}:{name}",
+                "kind": "traced tensor",
+                "input": "",
+                "output": str(tuple(trace.tensors[(i, name)].shape)),
+                "line": _marker_line(MultiHeadAttention.forward, marker),
+            }
+            for name, marker in _TRACE_MARKERS.items()
+        ]
+        rows[start:end] = sorted(rows[start:end] + traced, key=lambda r: r["line"])
+
+    lines = _source_lines()
+    table = pd.DataFrame(rows, columns=["depth", "module", "kind", "input", "output", "line"])
+    table["code"] = [lines[n - 1].strip() for n in table["line"]]
+    return collapse_blocks(table) if collapse else table
+
+
+def collapse_blocks(table: pd.DataFrame) -> pd.DataFrame:
+    """Keep ``trf_blocks.0`` in full and replace each following run of blocks whose rows
+    have the same shapes as block 0 by one row (``trf_blocks.1 … trf_blocks.11``)."""
+    block = table["module"].str.extract(r"^trf_blocks\.(\d+)(?=[.:]|$)")[0]
+
+    def signature(i: str) -> list[tuple]:
+        part = table[block == i]
+        return list(zip(part["module"].str.replace(rf"^trf_blocks\.{i}", "", regex=True), part["input"], part["output"]))
+
+    order = list(dict.fromkeys(block.dropna()))
+    if len(order) < 2:
+        return table
+    first = signature(order[0])
+    same = {i for i in order[1:] if signature(i) == first}
+    out, run = [], []
+
+    def flush() -> None:
+        if run:
+            head = table[table["module"] == f"trf_blocks.{run[0]}"].iloc[0].to_dict()
+            name = f"trf_blocks.{run[0]}" if len(run) == 1 else f"trf_blocks.{run[0]} … trf_blocks.{run[-1]}"
+            out.append({**head, "module": name, "kind": f"{head['kind']} ×{len(run)}", "code": "same shapes as trf_blocks.0"})
+            run.clear()
+
+    for idx, row in table.iterrows():
+        i = block[idx]
+        if i in same:
+            if not run or run[-1] != i:
+                run.append(i)
+            continue
+        flush()
+        out.append(row.to_dict())
+    flush()
+    return pd.DataFrame(out, columns=table.columns).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- head ablation
+
+_HEAD = re.compile(r"^(?:L(?P<l1>\d+)H(?P<h1>\d+|\*)|(?P<l2>\d+)[.:](?P<h2>\d+|\*))$", re.IGNORECASE)
+
+
+def parse_heads(spec: str | Iterable[tuple[int, int]], n_layers: int, n_heads: int) -> frozenset[tuple[int, int]]:
+    """Attention heads as ``{(layer, head), ...}``, zero-based.
+
+    ``spec`` is text, heads separated by commas or spaces: ``"0.3, 5.1"``, ``"L0H3 L5H1"``,
+    ``"2:0"``; ``"4.*"`` / ``"L4H*"`` is every head of layer 4; ``""`` is no head. Or an
+    iterable of ``(layer, head)`` pairs. ``ValueError`` for anything else, naming the limit.
+    """
+    if isinstance(spec, str):
+        pairs: list[tuple[int, int | None]] = []
+        for item in re.split(r"[\s,;]+", spec.strip()):
+            if not item:
+                continue
+            m = _HEAD.match(item)
+            if m is None:
+                raise ValueError(f"cannot read head {item!r}: write layer.head (e.g. 0.3), L0H3, or 4.* for a whole layer")
+            layer, head = m["l1"] or m["l2"], m["h1"] or m["h2"]
+            pairs.append((int(layer), None if head == "*" else int(head)))
+    else:
+        pairs = []
+        for pair in spec:
+            layer, head = pair
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in (layer, head)):
+                raise ValueError(f"a head is a pair of integers (layer, head), got {pair!r}")
+            pairs.append((layer, head))
+    heads = set()
+    for layer, head in pairs:
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers (0 … {n_layers - 1})")
+        if head is not None and not 0 <= head < n_heads:
+            raise ValueError(f"head {head} is out of range: each layer has {n_heads} heads (0 … {n_heads - 1})")
+        heads.update((layer, h) for h in (range(n_heads) if head is None else [head]))
+    return frozenset(heads)
+
+
+def head_mask_for(heads: Iterable[tuple[int, int]], cfg: GPTConfig) -> torch.Tensor:
+    """The model's ``head_mask``: ``(n_layers, n_heads)`` ones, 0 at each head to switch off."""
+    mask = torch.ones(cfg.n_layers, cfg.n_heads)
+    for layer, head in heads:
+        mask[layer, head] = 0
+    return mask
+
+
+@dataclass(frozen=True, eq=False)
+class AblationResult:
+    heads: tuple[tuple[int, int], ...]  # heads switched off, sorted
+    table: pd.DataFrame  # top-k "normal" and "ablated" side by side
+    logits: torch.Tensor  # (vocab,) next-token logits of the normal run
+    ablated_logits: torch.Tensor  # (vocab,) with the heads switched off
+    max_logit_change: float  # max |ablated - normal| over the vocabulary
+    top1_changed: bool
+    summary: str
+
+
+def ablate(
+    model: GPTModel, ids: TokenIds, heads: HeadSpec, top_k: int = 10, enc: tiktoken.Encoding | None = None
+) -> AblationResult:
+    """Next-token candidates with chosen attention heads switched off, beside the normal run.
+
+    ``heads``: a spec for :func:`parse_heads`, or a ``(n_layers, n_heads)`` head mask
+    (0 switches a head off). The heads' per-head outputs are multiplied by the mask before
+    ``out_proj`` through the model's ``head_mask`` argument; the model is not modified.
+    """
+    cfg = model.cfg
+    batch = _batch(model, ids)
+    if isinstance(heads, torch.Tensor):
+        if tuple(heads.shape) != (cfg.n_layers, cfg.n_heads):
+            raise ValueError(f"head mask must have shape ({cfg.n_layers}, {cfg.n_heads}), got {tuple(heads.shape)}")
+        mask = heads.float()
+        off = tuple(map(tuple, (mask != 1).nonzero().tolist()))
+    else:
+        off = tuple(sorted(parse_heads(heads, cfg.n_layers, cfg.n_heads)))
+        mask = head_mask_for(off, cfg)
+    normal = _next_logits(model, batch)
+    ablated = _next_logits(model, batch, mask.to(model.device))
+    change = (ablated.float() - normal.float()).abs().max().item()
+    top_n, top_a = int(normal.argmax()), int(ablated.argmax())
+    names = ", ".join(f"L{l}H{h}" for l, h in off) or "none"
+    verdict = (
+        f"top-1 changed: {_piece(top_n, enc)!r} → {_piece(top_a, enc)!r}"
+        if top_n != top_a
+        else f"top-1 unchanged: {_piece(top_n, enc)!r}"
+    )
+    return AblationResult(
+        heads=off,
+        table=_side_by_side(normal, ablated, top_k, ("normal", "ablated"), enc),
+        logits=normal,
+        ablated_logits=ablated,
+        max_logit_change=change,
+        top1_changed=top_n != top_a,
+        summary=f"Switched off {len(off)} head(s) ({names}); {verdict}; largest logit change {change:.4g}.",
+    )
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def low_precision_copy(model: GPTModel, dtype: torch.dtype = torch.bfloat16) -> GPTModel:
+    """A copy of the model in ``dtype`` (the original is untouched); cache it per model."""
+    return copy.deepcopy(model).to(dtype).eval()
+
+
+@dataclass(frozen=True, eq=False)
+class PrecisionResult:
+    dtype: torch.dtype  # of the low-precision run
+    reference_dtype: torch.dtype  # of the shared model (normally float32)
+    logits: torch.Tensor  # (vocab,) reference: exactly the normal next-token logits
+    low_logits: torch.Tensor  # (vocab,) low-precision logits, as float32
+    max_abs_diff: float
+    top1_agree: bool
+    topk_agree: bool  # the same set of top-k tokens
+    topk_overlap: int  # tokens the two top-k sets share
+    ms_reference: float  # median wall time of one forward
+    ms_low: float
+    table: pd.DataFrame  # top-k of both side by side
+    summary: str
+
+
+def _timed(fn: Any, repeats: int) -> tuple[Any, float]:
+    """``fn()``'s result and the median of ``repeats`` timings in ms (after one warm-up)."""
+    result, times = fn(), []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return result, statistics.median(times)
+
+
+def compare_precision(
+    model: GPTModel,
+    ids: TokenIds,
+    dtype: torch.dtype = torch.bfloat16,
+    top_k: int = 10,
+    low_model: GPTModel | None = None,
+    repeats: int = 3,
+    enc: tiktoken.Encoding | None = None,
+) -> PrecisionResult:
+    """The current step's next-token logits from ``model`` (fp32) and from a low-precision
+    copy (``low_model``, e.g. a cached :func:`low_precision_copy`; a ``dtype`` copy is made
+    temporarily if not given): largest logit difference, agreement of top-1 and the top-k set, and the median
+    time of ``repeats`` forwards of each."""
+    if low_model is None:
+        low_model = low_precision_copy(model, dtype)
+    elif low_model.cfg != model.cfg:
+        raise ValueError("low_model must have the same configuration as model")
+    batch = _batch(model, ids)
+    ref, ms_ref = _timed(lambda: _next_logits(model, batch), repeats)
+    low, ms_low = _timed(lambda: _next_logits(low_model, batch), repeats)
+    low = low.float()
+    k = min(top_k, ref.numel())
+    ref_top, low_top = set(ref.topk(k).indices.tolist()), set(low.topk(k).indices.tolist())
+    diff = (low - ref.float()).abs().max().item()
+    names = (str(model.dtype).removeprefix("torch."), str(low_model.dtype).removeprefix("torch."))
+    top1 = int(ref.argmax()) == int(low.argmax())
+    return PrecisionResult(
+        dtype=low_model.dtype,
+        reference_dtype=model.dtype,
+        logits=ref,
+        low_logits=low,
+        max_abs_diff=diff,
+        top1_agree=top1,
+        topk_agree=ref_top == low_top,
+        topk_overlap=len(ref_top & low_top),
+        ms_reference=ms_ref,
+        ms_low=ms_low,
+        table=_side_by_side(ref, low, top_k, names, enc),
+        summary=(
+            f"{names[1]} vs {names[0]}: largest logit difference {diff:.4g}; top-1 "
+            f"{'agrees' if top1 else 'differs'}; top-{k} share {len(ref_top & low_top)} of {k} tokens; "
+            f"{ms_ref:.1f} ms vs {ms_low:.1f} ms per forward."
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- KV cache
+
+
+def kv_cache_table(cache: KVCache) -> pd.DataFrame:
+    """Per layer: the shapes of the filled keys and values ``(b, n_heads, T, head_dim)``,
+    the allocated capacity, and bytes filled vs allocated (keys and values together)."""
+    rows = []
+    for i, layer in enumerate(cache.layers):
+        if layer.k is None:
+            rows.append({"layer": i, "K shape": "—", "V shape": "—", "allocated shape": "—", "filled bytes": 0, "allocated bytes": 0})
+            continue
+        k, v = layer.k[:, :, : layer.length], layer.v[:, :, : layer.length]
+        rows.append(
+            {
+                "layer": i,
+                "K shape": str(tuple(k.shape)),
+                "V shape": str(tuple(v.shape)),
+                "allocated shape": str(tuple(layer.k.shape)),
+                "filled bytes": k.numel() * k.element_size() + v.numel() * v.element_size(),
+                "allocated bytes": layer.nbytes,
+            }
+        )
+    return pd.DataFrame(rows, columns=["layer", "K shape", "V shape", "allocated shape", "filled bytes", "allocated bytes"])
+
+
+def forward_flops(cfg: GPTConfig | Mapping[str, Any], queries: int, keys: int) -> int:
+    """Matrix-multiply FLOPs of one forward that runs ``queries`` new positions against
+    ``keys`` positions in all (cached ones included), logits for the last position only:
+
+    ``2·12·d²·L·queries`` (the linear layers: 3 projections, out_proj, two feed-forward
+    linears) ``+ 4·d·L·queries·keys`` (scores q·kᵀ and the weighted sum of values)
+    ``+ 2·V·d`` (output head). Layer norms, GELU, softmax and bias adds are left out.
+    """
+    cfg = GPTConfig.coerce(cfg)
+    d, n_layers = cfg.emb_dim, cfg.n_layers
+    return 2 * 12 * d * d * n_layers * queries + 4 * d * n_layers * queries * keys + 2 * cfg.vocab_size * d
+
+
+def _flops_text(n: float) -> str:
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} FLOP"
+
+
+@dataclass(frozen=True)
+class CacheSavings:
+    context_len: int  # positions the step's prediction depends on
+    positions_cached: int  # positions run through the model with the cache (the new ones)
+    positions_full: int  # positions run when recomputing the whole context
+    flops_cached: int
+    flops_full: int
+    explanation: str
+
+    @property
+    def saving(self) -> float:
+        """How many times less work the cached step does."""
+        return self.flops_full / self.flops_cached
+
+
+def cache_savings(cfg: GPTConfig | Mapping[str, Any], context_len: int, new_tokens: int = 1) -> CacheSavings:
+    """The work of a step with a KV cache (only the ``new_tokens`` positions run; earlier
+    keys and values are read from the cache) against recomputing all ``context_len``
+    positions, counted by :func:`forward_flops`."""
+    cfg = GPTConfig.coerce(cfg)
+    if not 1 <= new_tokens <= context_len <= cfg.context_length:
+        raise ValueError(
+            f"need 1 <= new_tokens <= context_len <= context_length ({cfg.context_length}), "
+            f"got new_tokens={new_tokens}, context_len={context_len}"
+        )
+    cached = forward_flops(cfg, new_tokens, context_len)
+    full = forward_flops(cfg, context_len, context_len)
+    explanation = (
+        f"With the KV cache this step ran {new_tokens} of {context_len} positions through the model and read "
+        f"the keys and values of the other {context_len - new_tokens} from the cache; without it, all "
+        f"{context_len} positions are recomputed. Work ≈ {_flops_text(cached)} instead of {_flops_text(full)} "
+        f"({full / cached:.1f}× less). Counted: 2·12·d²·L per position for the linear layers, 4·d·L per "
+        f"(query, key) pair for attention, 2·V·d once for the output head "
+        f"(d={cfg.emb_dim}, L={cfg.n_layers}, V={cfg.vocab_size})."
+    )
+    return CacheSavings(context_len, new_tokens, context_len, cached, full, explanation)
