@@ -1,0 +1,371 @@
+"""Step-through generation: exact agreement with the source's uncached greedy loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gptviz import PRESETS, GPTConfig, GPTModel, Trace
+from gptviz.generation import DEFAULT_MAX_RETAINED_BYTES, GenerationSession, generate_greedy
+from gptviz.tokenizer import ENDOFTEXT_ID
+
+BOOK_IDS = [15496, 11, 314, 716, 27018, 24086, 47843, 30961, 42348, 7267]
+BOOK_TEXT = "Hello, I am Featureiman Byeswickattribute argue"
+
+
+def reference_generate(model, idx, max_new_tokens, context_size, top_k=10):
+    """The source's generate_text_simple, uncached; also returns each step's top-k (probs, ids)."""
+    tops = []
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]
+        with torch.no_grad():
+            logits = model(idx_cond)
+        logits = logits[:, -1, :]
+        probas = torch.softmax(logits, dim=-1)
+        idx_next = torch.argmax(probas, dim=-1, keepdim=True)
+        idx = torch.cat((idx, idx_next), dim=1)
+        tops.append(torch.topk(probas[0], top_k))
+    return idx, tops
+
+
+# --------------------------------------------------------------------------- the seed-124M model
+
+
+@pytest.fixture(scope="module")
+def seed_model() -> GPTModel:
+    torch.manual_seed(123)
+    return GPTModel(PRESETS["seed-124M"]).eval()
+
+
+@pytest.fixture(scope="module")
+def reference_100(seed_model, enc):
+    idx, tops = reference_generate(seed_model, torch.tensor([enc.encode("Hello, I am")]), 100, 1024)
+    return idx[0].tolist(), tops
+
+
+@pytest.fixture(scope="module")
+def session_100(seed_model, enc):
+    session = GenerationSession(seed_model, enc, "Hello, I am")
+    session.step(100)
+    return session
+
+
+def test_book_output(reference_100, session_100, seed_model, enc):
+    """The source material's published output for seed 123 (an oracle independent of this code)."""
+    assert reference_100[0][:10] == BOOK_IDS
+    assert session_100.ids[:10] == BOOK_IDS
+    assert enc.decode(session_100.ids[:10]) == BOOK_TEXT
+    out = generate_greedy(seed_model, torch.tensor([BOOK_IDS[:4]]), 6, 1024)
+    assert out[0].tolist() == BOOK_IDS
+
+
+def test_generate_greedy_matches_uncached_100_steps(seed_model, reference_100):
+    ids = reference_100[0]
+    out = generate_greedy(seed_model, torch.tensor([ids[:4]]), 100, 1024)
+    assert out[0].tolist() == ids
+
+
+def test_session_matches_uncached_100_steps(session_100, reference_100):
+    ids, tops = reference_100
+    assert session_100.ids == ids
+    assert session_100.prompt_ids == ids[:4]
+    assert session_100.generated_ids == ids[4:]
+    assert [r.token_id for r in session_100.steps] == ids[4:]
+    assert [r.position for r in session_100.steps] == list(range(4, 104))
+    for record, top in zip(session_100.steps, tops):
+        assert [c.token_id for c in record.candidates] == top.indices.tolist()
+        assert torch.allclose(torch.tensor([c.prob for c in record.candidates]), top.values, rtol=0, atol=1e-5)
+        assert len(record.lens) == 12 and [e.layer for e in record.lens] == list(range(12))
+        assert record.lens[-1].token_id == record.token_id
+        assert record.lens[-1].prob == pytest.approx(record.candidates[0].prob, abs=1e-6)
+
+
+def test_session_uses_the_cache(session_100):
+    steps = session_100.steps
+    assert steps[0].positions_computed == 4  # prefill of the prompt
+    assert all(r.positions_computed == 1 for r in steps[1:])
+    assert [r.cache_tokens for r in steps] == list(range(4, 104))
+    assert [r.context_len for r in steps] == list(range(4, 104))
+    assert not any(r.cropped for r in steps)
+    per_token = 2 * 12 * 768 * 4  # keys + values, 12 layers, fp32
+    assert all(r.cache_bytes >= r.cache_tokens * per_token for r in steps)
+
+
+def test_124m_at_full_context_stays_within_budget(seed_model, enc):
+    """The issue's budget: at T=1024 a 124M session retains <= 64 MB beyond the shared model
+    (an fp32 KV cache alone would be 2 * 12 * 1024 * 768 * 4 B = 75.5 MB)."""
+    prompt = torch.randint(0, 50257, (1020,), generator=torch.Generator().manual_seed(1)).tolist()
+    session = GenerationSession(seed_model, enc, prompt)
+    records = session.step(4)
+    assert len(session.ids) == 1024 and [r.positions_computed for r in records] == [1020, 1, 1, 1]
+    assert records[-1].cache_bytes >= 2 * 12 * 1023 * 768 * 4  # kept whole within step(n) ...
+    assert session.retained_bytes <= DEFAULT_MAX_RETAINED_BYTES == 64 * 10**6  # ... not after it:
+    assert session.cache_tokens == 768  # 896 positions would take 66 MB; chunks of 128
+    weights, positions = session.attention(11)
+    assert positions == list(range(959, 1023)) and weights.shape == (12, 64, 64)
+    assert session.step()[0].positions_computed == 1024 - 768  # only the positions past the prefix
+    assert session.retained_bytes <= DEFAULT_MAX_RETAINED_BYTES
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="module")
+def ctx16_model() -> GPTModel:
+    torch.manual_seed(7)
+    return GPTModel(GPTConfig(context_length=16, emb_dim=32, n_heads=4, n_layers=3)).eval()
+
+
+def test_overflowing_context_matches_uncached(ctx16_model, enc):
+    prompt = enc.encode("Hello, I am")
+    ref, tops = reference_generate(ctx16_model, torch.tensor([prompt]), 50, 16)
+    assert generate_greedy(ctx16_model, torch.tensor([prompt]), 50, 16)[0].tolist() == ref[0].tolist()
+    session = GenerationSession(ctx16_model, enc, prompt, attn_window=8)
+    records = session.step(50)
+    assert session.ids == ref[0].tolist()
+    for i, (record, top) in enumerate(zip(records, tops)):
+        n = len(prompt) + i  # tokens before this step
+        assert record.cropped == (n > 16)
+        assert record.context_len == min(n, 16)
+        assert record.positions_computed == (16 if n > 16 else (n if i == 0 else 1))
+        assert torch.allclose(torch.tensor([c.prob for c in record.candidates]), top.values, rtol=0, atol=1e-5)
+
+
+def test_generate_greedy_batch_and_short_context(ctx16_model):
+    idx = torch.tensor([[1, 2, 3, 4, 5], [50, 40, 30, 20, 10]])
+    ref, _ = reference_generate(ctx16_model, idx, 20, 8)
+    out = generate_greedy(ctx16_model, idx, 20, 8)
+    assert out.shape == (2, 25)
+    assert torch.equal(out, ref)
+
+
+def test_prompt_longer_than_context(ctx16_model, enc):
+    prompt = list(range(100, 125))  # 25 tokens > context_length 16
+    ref, _ = reference_generate(ctx16_model, torch.tensor([prompt]), 5, 16)
+    session = GenerationSession(ctx16_model, enc, prompt)
+    records = session.step(5)
+    assert session.ids == ref[0].tolist()
+    assert all(r.cropped and r.context_len == 16 for r in records)
+
+
+def test_undo_reset(tiny_model, enc):
+    session = GenerationSession(tiny_model, enc, "Hello, I am")
+    first = session.step(6)
+    ids = session.ids
+    undone = session.undo()
+    assert undone == first[-1]
+    assert session.ids == ids[:-1] and len(session.steps) == 5
+    again = session.step()[0]
+    assert again.token_id == undone.token_id and session.ids == ids
+    assert again.positions_computed == 1  # the cache survived the undo
+    for _ in range(3):
+        session.undo()
+    assert session.step(3)[-1].token_id == ids[-1] and session.ids == ids
+    session.reset()
+    assert session.ids == session.prompt_ids == enc.encode("Hello, I am")
+    assert session.steps == [] and session.text == "Hello, I am" and session.generated_text == ""
+    with pytest.raises(ValueError, match="nothing to undo"):
+        session.undo()
+    assert session.step()[0].token_id == first[0].token_id
+    assert session.prompt_text + session.generated_text == session.text
+
+
+def test_iter_steps_streams(tiny_model, enc):
+    expected = [r.token_id for r in GenerationSession(tiny_model, enc, "Hello").step(3)]
+    session = GenerationSession(tiny_model, enc, "Hello")
+    stream = session.iter_steps(3)
+    first = next(stream)
+    assert len(session.steps) == 1 and session.ids[-1] == first.token_id  # visible before the rest runs
+    assert [first.token_id] + [r.token_id for r in stream] == expected
+    with pytest.raises(ValueError, match="steps"):
+        session.iter_steps(-2)
+
+
+def test_lens_equals_uncached_logit_lens(tiny_model, enc):
+    session = GenerationSession(tiny_model, enc, "The cat sat on the")
+    session.step(4)
+    record = session.steps[-1]
+    trace = Trace(("residual",))
+    with torch.no_grad():
+        tiny_model(torch.tensor([session.ids[:-1]]), trace=trace)
+        probs = torch.softmax(tiny_model.logit_lens(torch.stack([r[0, -1] for r in trace.residuals])), dim=-1)
+    top = probs.max(dim=-1)
+    assert [e.token_id for e in record.lens] == top.indices.tolist()
+    assert torch.allclose(torch.tensor([e.prob for e in record.lens]), top.values, rtol=0, atol=1e-5)
+    assert [e.piece for e in record.lens] == [enc.decode([i]) for i in top.indices.tolist()]
+
+
+def test_lens_off(tiny_model, enc):
+    with_lens = GenerationSession(tiny_model, enc, "Hello").step(3)
+    without = GenerationSession(tiny_model, enc, "Hello", logit_lens=False).step(3)
+    assert [r.token_id for r in without] == [r.token_id for r in with_lens]
+    assert all(r.lens == [] for r in without)
+
+
+def recomputed_attention(model, ids, start, end, layer):
+    trace = Trace(("attn_weights",), layers=[layer])
+    with torch.no_grad():
+        model(torch.tensor([ids[start:end]]), trace=trace)
+    return trace.attentions[0][0]  # (n_heads, T, T)
+
+
+@pytest.fixture(scope="module")
+def ctx16_reference(ctx16_model):
+    prompt = [464, 3797, 3332, 319]
+    return reference_generate(ctx16_model, torch.tensor([prompt]), 40, 16)[0][0].tolist()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    actions=st.lists(
+        st.one_of(
+            st.tuples(st.just("step"), st.integers(1, 12)),
+            st.tuples(st.just("undo"), st.integers(1, 25)),
+            st.tuples(st.just("reset"), st.just(0)),
+        ),
+        max_size=6,
+    ),
+    window=st.integers(1, 20),
+    layer=st.integers(0, 2),
+)
+def test_attention_window_equals_recomputed(ctx16_model, ctx16_reference, enc, actions, window, layer):
+    """Any sequence of steps, undos (also past the kept rows) and resets: the windowed attention is
+    the last block of the full recomputed attention, and the tokens are the uncached ones."""
+    session = GenerationSession(ctx16_model, enc, ctx16_reference[:4], attn_window=8)
+    for action, n in actions:
+        if action == "step":
+            session.step(n)
+        elif action == "undo":
+            for _ in range(min(n, len(session.steps))):
+                session.undo()
+        else:
+            session.reset()
+        assert session.ids == ctx16_reference[: len(session.ids)]
+    start, end = session.context_span
+    assert end == len(session.ids) - (1 if session.steps else 0) and start == max(0, end - 16)
+    full = recomputed_attention(ctx16_model, session.ids, start, end, layer)
+    weights, positions = session.attention(layer, window)
+    w = min(window, end - start)
+    assert positions == list(range(end - w, end))
+    expected = full[:, -w:, -w:]
+    assert weights.shape == expected.shape
+    assert torch.allclose(weights, expected, rtol=0, atol=1e-5)
+    whole, whole_positions = session.full_attention(layer)
+    assert whole_positions == list(range(start, end))
+    assert torch.allclose(whole, full, rtol=0, atol=1e-5)
+    assert torch.allclose(whole.sum(-1), torch.ones(whole.shape[:2]), atol=1e-5)
+
+
+def test_attention_at_prompt_then_step_reuses_it(tiny_model, enc):
+    session = GenerationSession(tiny_model, enc, "Hello, I am")
+    weights, positions = session.attention(0)
+    assert positions == [0, 1, 2, 3] and weights.shape == (4, 4, 4)
+    assert session.step()[0].positions_computed == 1  # the prompt was read for the attention view
+    assert session.attention(0)[1] == [0, 1, 2, 3]  # what the step read
+    assert torch.allclose(session.attention(0)[0], weights, atol=1e-6)
+
+
+def test_retained_bytes_budget(tiny_model, enc):
+    prompt = enc.encode("Hello, I am")
+    ref, _ = reference_generate(tiny_model, torch.tensor([prompt]), 42, 64)
+    free = GenerationSession(tiny_model, enc, prompt, attn_window=8, max_retained_bytes=None)
+    free.step(40)
+    assert free.cache_bytes >= 43 * 2 * 2 * 32 * 4  # keys + values, 2 layers, emb 32, fp32
+    budget = free.retained_bytes - free.cache_bytes // 2  # the cache no longer fits at 40 steps
+    session = GenerationSession(tiny_model, enc, prompt, attn_window=8, max_retained_bytes=budget)
+    records = session.step(40)
+    assert all(r.positions_computed == 1 for r in records[1:])  # the cache is kept within one step(n) ...
+    assert session.cache_tokens == 0 and session.retained_bytes <= budget  # ... and dropped after it
+    assert session.step()[0].positions_computed == 44  # the next step re-reads the context
+    assert session.retained_bytes <= budget
+    for action in (session.undo, lambda: session.attention(1), session.step, session.reset):
+        action()
+        assert session.retained_bytes <= budget
+        if session.steps:
+            assert session.ids == ref[0, : len(session.ids)].tolist()
+    assert free.retained_bytes > budget
+
+
+def test_cache_shrinks_to_a_prefix_within_budget(enc):
+    torch.manual_seed(3)
+    model = GPTModel(GPTConfig(context_length=512, emb_dim=32, n_heads=4, n_layers=2)).eval()
+    prompt = enc.encode("Hello, I am")
+    free = GenerationSession(model, enc, prompt, max_retained_bytes=None)
+    free.step(140)
+    per_position = 2 * 2 * 32 * 4  # keys + values, 2 layers, emb 32, fp32
+    budget = free.retained_bytes - free.cache_bytes + 140 * per_position  # room for 140 positions
+    session = GenerationSession(model, enc, prompt, max_retained_bytes=budget)
+    session.step(140)
+    assert session.cache_tokens == 128 and session.retained_bytes <= budget  # whole chunks of 128
+    computed = [session.step()[0].positions_computed for _ in range(4)]
+    assert computed[0] == len(prompt) + 140 - 128
+    assert session.ids == free.ids + [r.token_id for r in free.step(4)]
+    assert session.retained_bytes <= budget
+
+
+def test_sessions_are_independent(tiny_model, enc):
+    alone_a = GenerationSession(tiny_model, enc, "Hello, I am").step(8)
+    alone_b = GenerationSession(tiny_model, enc, "Every effort moves").step(8)
+    a = GenerationSession(tiny_model, enc, "Hello, I am")
+    b = GenerationSession(tiny_model, enc, "Every effort moves")
+    for _ in range(4):
+        a.step(2)
+        b.step()
+        b.undo()
+        b.step(2)
+    assert [r.token_id for r in a.steps] == [r.token_id for r in alone_a]
+    assert [r.token_id for r in b.steps] == [r.token_id for r in alone_b]
+    probs = [c.prob for c in b.steps[-1].candidates]
+    assert probs == pytest.approx([c.prob for c in alone_b[-1].candidates], abs=1e-6)
+    assert not tiny_model.training
+
+
+def test_training_mode_is_refused(tiny_cfg, enc):
+    model = GPTModel(tiny_cfg)  # nn.Module starts in training mode
+    with pytest.raises(ValueError, match="eval"):
+        GenerationSession(model, enc, "Hi")
+    with pytest.raises(ValueError, match="eval"):
+        generate_greedy(model, torch.tensor([[1, 2]]), 1, 8)
+    assert model.training  # never switched by generation
+
+
+def test_sampling_is_seeded_and_top1_is_greedy(tiny_model, enc):
+    greedy = [r.token_id for r in GenerationSession(tiny_model, enc, "Hello").step(6)]
+    top1 = GenerationSession(tiny_model, enc, "Hello", temperature=1.5, sample_top_k=1).step(6)
+    assert [r.token_id for r in top1] == greedy and all(r.sampled for r in top1)
+    a = GenerationSession(tiny_model, enc, "Hello", temperature=2.0, seed=5)
+    b = GenerationSession(tiny_model, enc, "Hello", temperature=2.0, seed=5)
+    tokens = [r.token_id for r in a.step(8)]
+    assert [r.token_id for r in b.step(8)] == tokens
+    assert tokens != greedy  # flat random-weight distributions at temperature 2
+    a.undo()
+    assert a.step()[0].token_id == tokens[-1]
+
+
+def test_stop_at_eos(tiny_cfg, enc):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg).eval()
+    with torch.no_grad():  # make <|endoftext|> the top prediction everywhere
+        model.final_norm.scale.zero_()
+        model.final_norm.shift.fill_(1.0)
+        model.out_head.weight[ENDOFTEXT_ID] = 1.0
+    session = GenerationSession(model, enc, "Hello", stop_at_eos=True)
+    records = session.step(5)
+    assert [r.token_id for r in records] == [ENDOFTEXT_ID] and session.finished
+    assert session.step() == []
+    assert GenerationSession(model, enc, "Hello").step(3)[-1].token_id == ENDOFTEXT_ID  # off by default
+
+
+def test_invalid_input(tiny_model, enc):
+    with pytest.raises(ValueError, match="empty"):
+        GenerationSession(tiny_model, enc, "")
+    with pytest.raises(ValueError, match="vocabulary"):
+        GenerationSession(tiny_model, enc, [1, 60000])
+    session = GenerationSession(tiny_model, enc, "Hello")
+    with pytest.raises(ValueError, match="layer"):
+        session.attention(2)
+    with pytest.raises(ValueError, match="steps"):
+        session.step(-1)
+    assert session.step(0) == []
