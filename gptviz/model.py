@@ -79,10 +79,11 @@ class Trace:
         if not self.wants(name):
             return
         t = tensor.detach()
-        if self.last_rows is not None and t.dim() >= 2 and name != "context":
-            t = t[..., -self.last_rows :, :]
-        elif self.last_rows is not None and name == "context":
-            t = t[:, -self.last_rows :]
+        if self.last_rows is not None:  # a copy, so the full tensor can be freed
+            rows = slice(-self.last_rows, None)
+            t = (t[:, rows] if name == "context" else t[..., rows, :]).clone()
+        elif name in ("keys", "values"):  # views into the KV cache, which later steps overwrite
+            t = t.clone()
         self.tensors[(layer, name)] = t
 
     def get(self, name: str) -> list[torch.Tensor]:
