@@ -1,8 +1,8 @@
 """gptviz: the Gradio app. Run: python app.py"""
 
-from gptviz.ui import build_demo
+from gptviz.ui import LAUNCH_KWARGS, build_demo
 
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.launch()
+    demo.launch(**LAUNCH_KWARGS)

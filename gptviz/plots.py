@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import plotly.graph_objects as go
 
 from .config import GPTConfig
@@ -74,5 +76,175 @@ def params_figure(cfg: GPTConfig | Mapping[str, Any], height: int = 600) -> go.F
         title=dict(text=f"Where the {total:,} parameters live", subtitle=dict(text=subtitle), x=0.01),
         height=height, margin=dict(l=8, r=8, t=70, b=8), uniformtext=dict(minsize=11, mode="hide"),
         font=dict(size=13),
+    )
+    return fig
+
+
+# --- generation
+
+#: Colour of causally masked cells (a query may not attend to later keys).
+MASKED_COLOR = "#D0D4DC"
+#: White backgrounds: plotly_white's look without its template, which costs ~7 ms per figure
+#: to validate and copy (these figures are redrawn on every step).
+_PLAIN = dict(paper_bgcolor="white", plot_bgcolor="white", font=dict(size=13))
+_GRID = "#E5E9F0"
+#: Axes whose tick labels are placed without measuring each one in the browser (plotly's
+#: automatic margins and overflow checks force a page layout per label: ~300 ms in a Gradio page).
+_FIXED = dict(automargin=False, ticklabeloverflow="allow")
+
+
+def _text_px(labels: Sequence[str], size: int) -> int:
+    """Approximate width in pixels of the longest label at font ``size`` (for fixed margins)."""
+    return int(0.62 * size * max((len(s) for s in labels), default=0))
+
+
+def empty_figure(message: str, height: int = 360) -> go.Figure:
+    """A blank figure carrying a message (placeholder before anything is computed)."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=15))
+    fig.update_layout(height=height, xaxis=dict(visible=False), yaxis=dict(visible=False),
+                      margin=dict(l=10, r=10, t=30, b=10), **_PLAIN)
+    return fig
+
+
+def topk_figure(pieces: Sequence[str], probs: Sequence[float], ids: Sequence[int], *, chosen: int = 0,
+                title: str = "Next-token candidates", height: int = 360) -> go.Figure:
+    """Horizontal bars of the top-k next tokens, most probable on top; bar ``chosen`` highlighted."""
+    labels = [f"{p}  ({i})" for p, i in zip(pieces, ids)]  # ids make labels unique
+    colors = ["#E45756" if k == chosen else "#4C78A8" for k in range(len(labels))]
+    fig = go.Figure(go.Bar(
+        x=list(probs), y=labels, orientation="h", marker_color=colors,
+        text=[f"{p:.1%}" if p >= 0.001 else f"{p:.4%}" for p in probs], textposition="outside", cliponaxis=False,
+        hovertemplate="%{y}<br>probability %{x:.4f}<extra></extra>",
+    ))
+    fig.update_layout(
+        title=dict(text=title, x=0.01), height=height, **_PLAIN,
+        margin=dict(l=16 + _text_px(labels, 13), r=70, t=50, b=50),
+        xaxis=dict(_FIXED, title="probability (softmax over the vocabulary)", tickformat=".3~%", rangemode="tozero",
+                   gridcolor=_GRID, zerolinecolor=_GRID),
+        yaxis=dict(_FIXED, autorange="reversed", type="category"),
+    )
+    return fig
+
+
+def _thin_ticks(ticks: Sequence[str], labels: Sequence[str], max_ticks: int) -> tuple[list[str], list[str]]:
+    """At most ``max_ticks`` evenly spread tick labels (the rest stay readable on hover)."""
+    stride = max(1, -(-len(ticks) // max_ticks))
+    keep = range(len(ticks) - 1, -1, -stride)[::-1]  # always label the newest token
+    return [ticks[i] for i in keep], [labels[i] for i in keep]
+
+
+def _causal(weights: Any) -> np.ndarray:
+    """The weights to draw: rounded (smaller payload), NaN above the diagonal (the masked cells)."""
+    w = np.asarray(weights, dtype=np.float64)
+    return np.where(np.triu(np.ones(w.shape[-2:], dtype=bool), k=1), np.nan, np.round(w, 4))
+
+
+def _mask_shape(n: int, xref: str = "x", yref: str = "y") -> dict:
+    """The cells above the diagonal of an n × n grid (query r, key c > r) as one grey staircase
+    polygon in cell-index coordinates: the causal mask, drawn without per-cell data."""
+    steps = "".join(f" L{r + 0.5},{r + 0.5} L{r + 0.5},{r - 0.5}" for r in range(n - 2, -1, -1))
+    path = f"M0.5,-0.5 L{n - 0.5},-0.5 L{n - 0.5},{n - 1.5}{steps} Z"
+    return dict(type="path", path=path, xref=xref, yref=yref, fillcolor=MASKED_COLOR, line=dict(width=0))
+
+
+def _cells(positions: Sequence[int], labels: Sequence[str]) -> list[str]:
+    """Unique category names ("5 ·am") so hover names each token without per-cell data."""
+    return [f"{p} {s}" for p, s in zip(positions, labels)]
+
+
+def attention_figure(weights: Any, labels: Sequence[str], positions: Sequence[int], *, title: str,
+                     height: int = 520, max_ticks: int = 32) -> go.Figure:
+    """Heatmap of one causal attention matrix ``(W, W)``: row = query, column = key.
+
+    Axes are labelled with the tokens' display pieces (``positions`` are their absolute
+    positions); the masked cells above the diagonal are grey; hover gives the query token,
+    the key token and the weight.
+    """
+    z = _causal(weights)
+    cells = _cells(positions, labels)
+    fig = go.Figure(go.Heatmap(
+        z=z, x=cells, y=cells, colorscale="Blues", zmin=0, hoverongaps=False,
+        colorbar=dict(title=dict(text="weight"), thickness=14),
+        hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.4f}<extra></extra>",
+    ))
+    ticks, text = _thin_ticks(cells, list(labels), max_ticks)
+    axis = dict(_FIXED, type="category", tickmode="array", tickvals=ticks, ticktext=text, showgrid=False,
+                zeroline=False, tickfont=dict(size=11))
+    label_px = _text_px(text, 11)
+    fig.update_layout(
+        title=dict(text=title, x=0.01), height=height, **_PLAIN,
+        shapes=[_mask_shape(len(cells))] if len(cells) > 1 else [],
+        margin=dict(l=40 + label_px, r=10, t=50, b=45 + int(0.87 * label_px)),  # x labels at -60°: sin 60° ≈ 0.87
+        xaxis=dict(axis, title="key (attended to)", tickangle=-60, side="bottom", constrain="domain"),
+        yaxis=dict(axis, title="query (attending), grey: masked", autorange="reversed", scaleanchor="x",
+                   constrain="domain"),
+    )
+    return fig
+
+
+def attention_grid_figure(weights: Any, labels: Sequence[str], positions: Sequence[int], *, title: str,
+                          height: int = 640, cols: int | None = None) -> go.Figure:
+    """Every head of one layer, ``(n_heads, W, W)``, as a grid of small heatmaps on one colour scale.
+
+    Grey is the causal mask; hover shows head, query, key and weight.
+    """
+    z = _causal(weights)
+    n_heads, n = z.shape[0], z.shape[-1]
+    cols = cols or math.ceil(math.sqrt(n_heads))
+    rows = math.ceil(n_heads / cols)
+    gap_x, gap_y = 0.02, 0.3 / rows  # room for each head's title
+    cell_w, cell_h = (1 - gap_x * (cols - 1)) / cols, (1 - gap_y * (rows - 1)) / rows
+    cells = _cells(positions, labels)
+    hidden = dict(_FIXED, type="category", showticklabels=False, showgrid=False, zeroline=False)
+    traces, axes, titles, masks = [], {}, [], []
+    for h in range(n_heads):  # axes laid out by hand: make_subplots costs ~60 ms here
+        r, c = divmod(h, cols)
+        suffix = str(h + 1) if h else ""
+        x0, y1 = c * (cell_w + gap_x), 1 - r * (cell_h + gap_y)
+        axes[f"xaxis{suffix}"] = dict(hidden, domain=[x0, x0 + cell_w], anchor=f"y{suffix}")
+        axes[f"yaxis{suffix}"] = dict(hidden, domain=[y1 - cell_h, y1], anchor=f"x{suffix}", autorange="reversed")
+        titles.append(dict(text=f"head {h}", x=x0 + cell_w / 2, y=y1, xref="paper", yref="paper", showarrow=False,
+                           xanchor="center", yanchor="bottom", font=dict(size=12)))
+        if n > 1:
+            masks.append(_mask_shape(n, f"x{suffix}", f"y{suffix}"))
+        traces.append(go.Heatmap(z=z[h], x=cells, y=cells, xaxis=f"x{suffix}", yaxis=f"y{suffix}",
+                                 coloraxis="coloraxis", hoverongaps=False,
+                                 hovertemplate=f"head {h}<br>query %{{y}}<br>key %{{x}}<br>weight %{{z:.4f}}"
+                                               "<extra></extra>"))
+    return go.Figure(traces, dict(
+        axes, title=dict(text=title, x=0.01), height=height, **_PLAIN, annotations=titles, shapes=masks,
+        margin=dict(l=10, r=10, t=70, b=10),
+        coloraxis=dict(colorscale="Blues", cmin=0, colorbar=dict(title=dict(text="weight"), thickness=14)),
+    ))
+
+
+def logit_lens_figure(pieces: Sequence[Sequence[str]], probs: Sequence[Sequence[float]], x_labels: Sequence[str], *,
+                      title: str = "Logit lens: each layer's top-1 next token", height: int = 460,
+                      max_chars: int = 8) -> go.Figure:
+    """Layer × step grid of logit-lens predictions (``final_norm`` then ``out_head`` on each block's output).
+
+    ``pieces[s][l]`` / ``probs[s][l]``: the top-1 token and its probability after block ``l``
+    at step ``s``; ``x_labels[s]``: the token the model read at that step. Colour = probability;
+    each cell shows the token and its probability; the top row is the model's own prediction.
+    Allow ~28 px of ``height`` per layer for the two lines of text.
+    """
+    p = np.asarray(probs, dtype=np.float64).T  # (n_layers, n_steps)
+    text = np.asarray(pieces, dtype=object).T
+    short = np.vectorize(lambda s: s if len(s) <= max_chars else s[: max_chars - 1] + "…", otypes=[object])(text)
+    n_layers, n_steps = p.shape
+    x = [f"{s} {lab}" for s, lab in zip(range(n_steps), x_labels)]  # unique category per step
+    fig = go.Figure(go.Heatmap(
+        z=p, x=x, y=list(range(n_layers)), text=short, customdata=text, texttemplate="%{text}<br>%{z:.2g}",
+        textfont=dict(size=10), colorscale="Viridis", zmin=0, zmax=1,
+        colorbar=dict(title=dict(text="top-1 prob"), thickness=14),
+        hovertemplate="read %{x}<br>after block %{y}: %{customdata} (p=%{z:.3g})<extra></extra>",
+    ))
+    fig.update_layout(
+        title=dict(text=title, x=0.01), height=height, **_PLAIN,
+        margin=dict(l=70, r=10, t=50, b=45 + int(0.71 * _text_px(x_labels, 13))),  # labels at -45°
+        xaxis=dict(_FIXED, title="step (token read)", tickangle=-45, type="category", tickvals=x,
+                   ticktext=list(x_labels)),
+        yaxis=dict(_FIXED, title="block (trf_blocks.i)", dtick=1 if n_layers <= 24 else 4),
     )
     return fig
