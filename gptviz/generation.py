@@ -227,6 +227,11 @@ class GenerationSession:
         return max(0, end - self.model.cfg.context_length), end
 
     @property
+    def cache(self) -> KVCache | None:
+        """The KV cache (None until the first step, or after the context overflowed); read-only use."""
+        return self._cache
+
+    @property
     def cache_tokens(self) -> int:
         return self._cache.length if self._cache is not None else 0
 

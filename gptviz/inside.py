@@ -141,6 +141,7 @@ def model_source(obj: Any = None) -> tuple[str, int]:
     return "".join(lines), first
 
 
+@functools.cache
 def _marker_line(func: Any, marker: str) -> int:
     """File line number of the first line of ``func``'s source that contains ``marker``."""
     lines, first = inspect.getsourcelines(func)
@@ -161,6 +162,18 @@ def _call_site(frame: FrameType | None) -> int | None:
 
 def _shapes(tensors: Iterable[Any]) -> str:
     return "; ".join(str(tuple(t.shape)) for t in tensors if isinstance(t, torch.Tensor))
+
+
+class _ShapeTrace(Trace):
+    """A :class:`Trace` that keeps only the shapes, so a long input costs no extra memory."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        super().__init__(names)
+        self.shapes: dict[tuple[int, str], tuple[int, ...]] = {}
+
+    def record(self, layer: int, name: str, tensor: torch.Tensor) -> None:
+        if self.wants(name):
+            self.shapes[(layer, name)] = tuple(tensor.shape)
 
 
 def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False) -> pd.DataFrame:
@@ -210,7 +223,7 @@ def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False) -> pd.D
         for module in names:
             handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
             handles.append(module.register_forward_hook(after, with_kwargs=True))
-        trace = Trace(names=_TRACE_MARKERS)
+        trace = _ShapeTrace(names=_TRACE_MARKERS)
         with torch.no_grad():
             model(batch, trace=trace)
     finally:
@@ -230,7 +243,7 @@ def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False) -> pd.D
                 "module": f"{att}:{name}",
                 "kind": "traced tensor",
                 "input": "",
-                "output": str(tuple(trace.tensors[(i, name)].shape)),
+                "output": str(trace.shapes[(i, name)]),
                 "line": _marker_line(MultiHeadAttention.forward, marker),
             }
             for name, marker in _TRACE_MARKERS.items()
