@@ -88,6 +88,8 @@ MASKED_COLOR = "#D0D4DC"
 #: to validate and copy (these figures are redrawn on every step).
 _PLAIN = dict(paper_bgcolor="white", plot_bgcolor="white", font=dict(size=13))
 _GRID = "#E5E9F0"
+#: Font size of token labels on heatmap axes.
+TICK_SIZE = 12
 #: Axes whose tick labels are placed without measuring each one in the browser (plotly's
 #: automatic margins and overflow checks force a page layout per label: ~300 ms in a Gradio page).
 _FIXED = dict(automargin=False, ticklabeloverflow="allow")
@@ -96,6 +98,11 @@ _FIXED = dict(automargin=False, ticklabeloverflow="allow")
 def _text_px(labels: Sequence[str], size: int) -> int:
     """Approximate width in pixels of the longest label at font ``size`` (for fixed margins)."""
     return int(0.62 * size * max((len(s) for s in labels), default=0))
+
+
+def percent(p: float) -> str:
+    """A probability as bar text: ``25.3%``, or four decimals below 0.1% (``0.0253%``)."""
+    return f"{p:.1%}" if p >= 0.001 else f"{p:.4%}"
 
 
 def empty_figure(message: str, height: int = 360) -> go.Figure:
@@ -114,7 +121,7 @@ def topk_figure(pieces: Sequence[str], probs: Sequence[float], ids: Sequence[int
     colors = ["#E45756" if k == chosen else "#4C78A8" for k in range(len(labels))]
     fig = go.Figure(go.Bar(
         x=list(probs), y=labels, orientation="h", marker_color=colors,
-        text=[f"{p:.1%}" if p >= 0.001 else f"{p:.4%}" for p in probs], textposition="outside", cliponaxis=False,
+        text=[percent(p) for p in probs], textposition="outside", cliponaxis=False,
         hovertemplate="%{y}<br>probability %{x:.4f}<extra></extra>",
     ))
     fig.update_layout(
@@ -170,8 +177,8 @@ def attention_figure(weights: Any, labels: Sequence[str], positions: Sequence[in
     ))
     ticks, text = _thin_ticks(cells, list(labels), max_ticks)
     axis = dict(_FIXED, type="category", tickmode="array", tickvals=ticks, ticktext=text, showgrid=False,
-                zeroline=False, tickfont=dict(size=11))
-    label_px = _text_px(text, 11)
+                zeroline=False, tickfont=dict(size=TICK_SIZE))
+    label_px = _text_px(text, TICK_SIZE)
     fig.update_layout(
         title=dict(text=title, x=0.01), height=height, **_PLAIN,
         shapes=[_mask_shape(len(cells))] if len(cells) > 1 else [],
@@ -227,7 +234,9 @@ def logit_lens_figure(pieces: Sequence[Sequence[str]], probs: Sequence[Sequence[
     ``pieces[s][l]`` / ``probs[s][l]``: the top-1 token and its probability after block ``l``
     at step ``s``; ``x_labels[s]``: the token the model read at that step. Colour = probability;
     each cell shows the token and its probability; the top row is the model's own prediction.
-    Allow ~28 px of ``height`` per layer for the two lines of text.
+    The colour scale runs from 0 to the largest probability shown, so the small differences of
+    a random-weight model (top-1 p ≈ 0.0002) stay visible. Allow ~28 px of ``height`` per
+    layer for the two lines of text.
     """
     p = np.asarray(probs, dtype=np.float64).T  # (n_layers, n_steps)
     text = np.asarray(pieces, dtype=object).T
@@ -235,16 +244,70 @@ def logit_lens_figure(pieces: Sequence[Sequence[str]], probs: Sequence[Sequence[
     n_layers, n_steps = p.shape
     x = [f"{s} {lab}" for s, lab in zip(range(n_steps), x_labels)]  # unique category per step
     fig = go.Figure(go.Heatmap(
-        z=p, x=x, y=list(range(n_layers)), text=short, customdata=text, texttemplate="%{text}<br>%{z:.2g}",
-        textfont=dict(size=10), colorscale="Viridis", zmin=0, zmax=1,
-        colorbar=dict(title=dict(text="top-1 prob"), thickness=14),
-        hovertemplate="read %{x}<br>after block %{y}: %{customdata} (p=%{z:.3g})<extra></extra>",
+        z=p, x=x, y=list(range(n_layers)), text=short, customdata=text, texttemplate="%{text}<br>%{z:.2~p}",
+        textfont=dict(size=11), colorscale="Viridis", zmin=0, zmax=float(np.max(p, initial=0)) or 1,
+        colorbar=dict(title=dict(text="top-1 prob"), thickness=14, tickformat=".2~p"),
+        hovertemplate="read %{x}<br>after block %{y}: %{customdata} (p = %{z:.3~p})<extra></extra>",
     ))
     fig.update_layout(
         title=dict(text=title, x=0.01), height=height, **_PLAIN,
-        margin=dict(l=70, r=10, t=50, b=45 + int(0.71 * _text_px(x_labels, 13))),  # labels at -45°
+        margin=dict(l=70, r=10, t=50, b=45 + int(0.71 * _text_px(x_labels, TICK_SIZE))),  # labels at -45°
         xaxis=dict(_FIXED, title="step (token read)", tickangle=-45, type="category", tickvals=x,
-                   ticktext=list(x_labels)),
+                   ticktext=list(x_labels), tickfont=dict(size=TICK_SIZE)),
         yaxis=dict(_FIXED, title="block (trf_blocks.i)", dtick=1 if n_layers <= 24 else 4),
+    )
+    return fig
+
+
+# --- inside
+
+#: The two runs a comparison figure sets side by side (e.g. normal and ablated).
+PAIR_COLORS = ("#4C78A8", "#F58518")
+
+
+def comparison_figure(labels: Sequence[str], first: Sequence[float], second: Sequence[float], *,
+                      names: tuple[str, str] = ("normal", "ablated"), title: str = "Next-token candidates",
+                      height: int = 420) -> go.Figure:
+    """Grouped horizontal bars: two runs' probabilities of the same tokens (``labels``, top row
+    first), e.g. the next-token candidates with and without some attention heads."""
+    fig = go.Figure([
+        go.Bar(x=list(values), y=list(labels), orientation="h", name=name, marker_color=color,
+               text=[percent(v) for v in values], textposition="outside", cliponaxis=False,
+               hovertemplate=f"%{{y}}<br>{name}: %{{x:.4~%}}<extra></extra>")
+        for name, values, color in zip(names, (first, second), PAIR_COLORS)
+    ])
+    fig.update_layout(
+        title=dict(text=title, x=0.01), height=height, **_PLAIN, barmode="group", bargap=0.25,
+        margin=dict(l=16 + _text_px(labels, 13), r=70, t=80, b=50),  # the legend sits under the title
+        legend=dict(orientation="h", x=0, xanchor="left", y=1.01, yanchor="bottom"),
+        xaxis=dict(_FIXED, title="probability (softmax over the vocabulary)", tickformat=".3~%", rangemode="tozero",
+                   gridcolor=_GRID, zerolinecolor=_GRID),
+        yaxis=dict(_FIXED, autorange="reversed", type="category"),
+    )
+    return fig
+
+
+def cache_work_figure(contexts: Sequence[int], cached: Sequence[float], full: Sequence[float], *,
+                      now: int | None = None, title: str = "Work of one generation step",
+                      height: int = 320) -> go.Figure:
+    """FLOPs of one generation step against the context length: with a KV cache (only the new
+    position runs) and without one (the whole context is recomputed); ``now`` marks the
+    current context length. A log scale: the cached step's work barely grows."""
+    fig = go.Figure([
+        go.Scatter(x=list(contexts), y=np.asarray(values, dtype=np.float64) / 1e9, name=name, mode="lines",
+                   line=dict(color=color, width=2.5),
+                   hovertemplate=f"{name}<br>context %{{x}} tokens: %{{y:.3g}} GFLOP<extra></extra>")
+        for name, values, color in (("without a cache", full, PAIR_COLORS[1]), ("with the KV cache", cached,
+                                                                               PAIR_COLORS[0]))
+    ])
+    if now is not None:
+        fig.add_vline(x=now, line=dict(color="#555c6b", dash="dot", width=1.5),
+                      annotation=dict(text=f"now: {now} tokens", font=dict(size=12)),
+                      annotation_position="top right")
+    fig.update_layout(
+        title=dict(text=title, x=0.01), height=height, **_PLAIN, margin=dict(l=60, r=16, t=80, b=50),
+        legend=dict(orientation="h", x=0, xanchor="left", y=1.01, yanchor="bottom"),  # under the title
+        xaxis=dict(_FIXED, title="context (tokens)", gridcolor=_GRID, zerolinecolor=_GRID, rangemode="tozero"),
+        yaxis=dict(_FIXED, title="GFLOP per step (log scale)", type="log", dtick=1, gridcolor=_GRID),
     )
     return fig

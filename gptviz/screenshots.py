@@ -42,6 +42,7 @@ TIMEOUT_MS = 60_000
 # is needed; GPT-2 splits each into partial-UTF-8 tokens.
 TOKENIZER_TEXT = "Hello, I run on ☕ and ⚡<|endoftext|>A new document"
 DECODE_TEXT = "Coffee ☕"  # its ids are decoded back: two partial tokens make one character
+PROMPT = "Hello, I am"  # the app's default prompt
 STEPS = 6  # tokens generated before the Generate shots
 LAYER, HEAD = 5, 3  # the attention shots' block and head
 #: The custom configuration, typed field by field in this order (every intermediate one is valid).
@@ -114,15 +115,30 @@ SHOTS: tuple[Shot, ...] = (
     Shot("heads-grid", "Generate", ready=[_plot_title("heads-grid", f"Block {LAYER}:")], frame="#heads-grid",
          whole=["#heads-grid"]),
     # The open raw-data accordion below makes the page long enough to put the lens at the top.
-    Shot("logit-lens", "Generate", actions=[("click", "text=Raw data of the last step")],
+    Shot("logit-lens", "Generate", actions=[("click", "#step-json-acc > button")],
          ready=[_plot_title("lens-plot", f"steps 1–{STEPS}"), _has_text("step-json", "last_step")],
          frame="#lens-plot", whole=["#lens-plot"]),
+    # The Inside tab looks at the same session: the tokens the next step reads.
+    Shot("inside-shapes", "Inside",
+         ready=[_has_text("inside-about", f"the {len(_ids(PROMPT)) + STEPS} tokens"),
+                _has_text("shape-table", "attn_scores"), _has_text("model-code", "attn_scores = queries @ keys"),
+                "document.querySelector('#model-code .row.hl')?.textContent.includes('attn_scores')"],
+         whole=["#inside-about", "#shape-table", "#model-code"]),
+    Shot("inside-ablation", "Inside", actions=[("click", "#ablate-btn")],
+         ready=[_plot_title("ablate-plot", "Next token"), _has_text("ablate-summary", "Switched off"),
+                _has_text("ablate-table", "%")],
+         frame="#ablate-intro", whole=["#ablate-heads", "#ablate-summary", "#ablate-table", "#ablate-plot"]),
+    Shot("inside-precision", "Inside", actions=[("click", "#precision-btn")],
+         ready=[_has_text("precision-summary", "Largest logit difference"), _has_text("precision-table", "%")],
+         frame="#precision-intro", whole=["#precision-summary", "#precision-table"]),
+    Shot("inside-kv-cache", "Inside", ready=[_has_text("kv-summary", "positions cached")], frame="#kv-intro",
+         whole=["#kv-summary", "#kv-plot", "#kv-table"]),
     Shot("parameters", "Parameters",
          ready=[_has_text("params-total", f"{count_params(PRESETS['seed-124M']):,} parameters"),
                 _plot_title("params-chart", "")],
          margin=16, whole=["#preset", "#params-total", "#params-chart", "#cfg-tie_weights"]),
     Shot("parameters-table", "Parameters", ready=[_has_text("params-table", "trf_blocks.*.att.W_query")],
-         frame="#params-table"),
+         frame="#params-table", whole=["#params-table"]),  # every row, the total included
     Shot("parameters-custom", "Parameters",
          actions=[("fill", f"#cfg-{k} input", str(v)) for k, v in CUSTOM_FIELDS.items()],
          ready=[_has_text("params-total",

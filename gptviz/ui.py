@@ -1,4 +1,4 @@
-"""The Gradio explorer: Tokenizer, Generate, Parameters and Model views.
+"""The Gradio explorer: Tokenizer, Generate, Inside, Parameters and Model views.
 
 Every event handler is a module-level function of plain values (plus the visitor's
 :class:`Visitor` kept in ``gr.State``), so tests call them without a browser. Models are
@@ -8,7 +8,8 @@ visitor's own state is a :class:`Visitor`: the model it chose and its
 
 Named endpoints (``api_name``, usable from ``gradio_client``; one session per client):
 ``tokenize``, ``detokenize``, ``step``, ``step_n``, ``undo``, ``reset``, ``attention``,
-``params``, ``preset``, ``load_model``, ``build_model``.
+``shapes``, ``kv_cache``, ``ablate``, ``precision``, ``params``, ``preset``, ``load_model``,
+``build_model``.
 
 Environment: ``GPTVIZ_WEIGHTS`` picks the model loaded at start (``random``: the source's
 seed-124M configuration with seed 123, the default, works offline; ``gpt2`` …
@@ -19,10 +20,15 @@ load (default 4 GB). ``GPTVIZ_DEVICE`` overrides the device.
 
 from __future__ import annotations
 
+import ast
+import functools
 import html
+import inspect
 import os
 import re
 import threading
+import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -36,7 +42,9 @@ import torch
 from . import plots
 from .config import PRESETS, GPTConfig
 from .generation import GenerationSession
-from .model import GPTModel, select_device
+from .inside import (ablate, cache_savings, compare_precision, forward_flops, kv_cache_table, low_precision_copy,
+                     model_source, trace_shapes)
+from .model import GPTModel, MultiHeadAttention, select_device
 from .params import (config_from_fields, count_params, format_breakdown, memory_and_compute, nearest_preset,
                      param_breakdown)
 from .tokenizer import ENDOFTEXT_ID, TokenPiece, encode, get_encoding, show_whitespace, token_piece
@@ -53,11 +61,14 @@ ATTN_WINDOW = 64  # heatmaps show the attention among the last this many tokens
 LENS_STEPS = 24  # logit lens: the last this many steps
 TOP_K = 10
 SESSION_TTL_S = 3_600  # a visitor's state is dropped an hour after its last update
+MAX_LIVE_SESSIONS = 48  # generation sessions kept at once, each within the engine's 64 MB: <= ~3 GB
+MAX_SESSIONS = 1_000  # Gradio's per-session records (~0.15 MB each), least recently used dropped
 DEFAULT_PROMPT = "Hello, I am"
 SEED = 123
 DEFAULT_MAX_MODEL_BYTES = 4_000_000_000
 RANDOM = "random"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+LOW_DTYPE = torch.bfloat16  # the Inside view compares float32 with this
 #: The Model view's weights selector: random weights (seed 123) or a released GPT-2.
 WEIGHT_CHOICES = [(f"random weights (seed {SEED})", RANDOM)] + [(n, n) for n in PRETRAINED_NAMES]
 CONFIG_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias",
@@ -135,31 +146,51 @@ class ModelStore:
 
     A model is built once: concurrent requests for the same spec wait for the first build.
     Sessions hold a reference to their model, so dropping it here never breaks a visitor.
+    The Inside view's precision comparison keeps one low-precision copy per model here
+    (:meth:`low_precision`), dropped with its model.
     """
 
     def __init__(self, capacity: int = 3) -> None:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._models: OrderedDict[ModelSpec, Future] = OrderedDict()
+        self._low: dict[ModelSpec, Future] = {}  # the bfloat16 copies, by the spec of their model
 
-    def get(self, spec: ModelSpec) -> GPTModel:
+    def _once(self, table: dict, key: ModelSpec, make: Any) -> GPTModel:
+        """``table[key]``: made by ``make()`` for the first caller; the others wait for it."""
         with self._lock:
-            future = self._models.get(spec)
+            future = table.get(key)
             owner = future is None
             if owner:
-                future = self._models[spec] = Future()
-            self._models.move_to_end(spec)
+                future = table[key] = Future()
         if owner:
             try:
-                future.set_result(build_model(spec))
+                future.set_result(make())
             except BaseException as e:
                 future.set_exception(e)
                 with self._lock:
-                    self._models.pop(spec, None)
-            with self._lock:
-                while len(self._models) > self.capacity:
-                    self._models.popitem(last=False)
+                    table.pop(key, None)
         return future.result()
+
+    def get(self, spec: ModelSpec) -> GPTModel:
+        model = self._once(self._models, spec, lambda: build_model(spec))
+        with self._lock:
+            if spec in self._models:
+                self._models.move_to_end(spec)
+            while len(self._models) > self.capacity:
+                dropped, _ = self._models.popitem(last=False)
+                self._low.pop(dropped, None)
+        return model
+
+    def low_precision(self, spec: ModelSpec) -> GPTModel:
+        """A :data:`LOW_DTYPE` copy of the shared model of ``spec``, made once (at most one per
+        model) and dropped when the model is."""
+        model = self.get(spec)
+        low = self._once(self._low, spec, lambda: low_precision_copy(model, LOW_DTYPE))
+        with self._lock:
+            if spec not in self._models:  # the model was dropped meanwhile: so is its copy
+                self._low.pop(spec, None)
+        return low
 
     def __contains__(self, spec: ModelSpec) -> bool:
         with self._lock:
@@ -173,17 +204,40 @@ MODELS = ModelStore()
 # --------------------------------------------------------------------------- per-visitor state
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: visitors are counted in a WeakSet (_LIVE)
 class Visitor:
     """One browser tab's state (in ``gr.State``): its chosen model and its generation session."""
 
     spec: ModelSpec = field(default_factory=lambda: default_spec())
     session: GenerationSession | None = None  # holds a reference to the shared model, never a copy
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one event at a time
+    last_used: float = 0.0  # time.monotonic() of its last Step or Reset
+    released: bool = False  # its session was dropped to make room for others (said at its next Step)
 
     @property
     def model(self) -> GPTModel:
         return MODELS.get(self.spec)
+
+
+_LIVE: weakref.WeakSet[Visitor] = weakref.WeakSet()  # visitors that were given a generation session
+_LIVE_LOCK = threading.Lock()
+
+
+def _admit(v: Visitor) -> None:
+    """Count ``v``'s new generation session. Beyond :data:`MAX_LIVE_SESSIONS`, the least recently
+    used other visitors that are not busy drop theirs (its KV cache and history: the memory)."""
+    with _LIVE_LOCK:
+        _LIVE.add(v)
+        others = sorted((u for u in _LIVE if u is not v and u.session is not None), key=lambda u: u.last_used)
+        excess = len(others) + 1 - MAX_LIVE_SESSIONS
+        for u in others:
+            if excess <= 0:
+                break
+            if u.lock.acquire(blocking=False):  # a busy visitor keeps its session
+                u.session, u.released = None, True
+                u.lock.release()
+                _LIVE.discard(u)
+                excess -= 1
 
 
 def _visitor(state: Visitor | None) -> Visitor:
@@ -276,11 +330,20 @@ def _token_table(ids: list[int], enc) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["position", "id", "piece", "bytes", "note"])
 
 
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
 def _check_text(text: str | None, what: str) -> str:
-    text = text or ""
+    """Visitor text within :data:`MAX_TEXT_CHARS`; lone UTF-16 surrogates (not characters, but
+    the API's JSON can carry them) become U+FFFD with a warning."""
+    text = text if isinstance(text, str) else "" if text is None else str(text)
     if len(text) > MAX_TEXT_CHARS:
         raise _error(f"The {what} is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,}. "
                      "Shorten it and try again.")
+    text, n = _SURROGATES.subn("\ufffd", text)
+    if n:
+        gr.Warning(f"The {what} holds {n} unpaired UTF-16 surrogate{'s' if n > 1 else ''} (not Unicode characters); "
+                   "each is read as U+FFFD �.")
     return text
 
 
@@ -313,11 +376,12 @@ def parse_ids(text: str) -> list[int]:
         raise _error("Type token ids separated by commas or spaces, e.g. 15496, 11, 314, 716.")
     ids, n_vocab = [], get_encoding().n_vocab
     for k, item in enumerate(items):
-        if not re.fullmatch(r"[+-]?\d+", item):
+        if not re.fullmatch(r"[+-]?[0-9]+", item):
             raise _error(f"Item {k + 1} ({item[:20]!r}) is not a whole number: ids are integers 0 … {n_vocab - 1}.")
-        value = int(item)
+        value = int(item) if len(item) <= 12 else n_vocab  # int() refuses > 4,300 digits; any such is too large
         if not 0 <= value < n_vocab:
-            raise _error(f"Item {k + 1} ({value}) is outside the GPT-2 vocabulary: ids run from 0 to {n_vocab - 1}.")
+            raise _error(f"Item {k + 1} ({item[:20]}{'…' if len(item) > 20 else ''}) is outside the GPT-2 "
+                         f"vocabulary: ids run from 0 to {n_vocab - 1}.")
         ids.append(value)
     return ids
 
@@ -359,7 +423,13 @@ def _session(v: Visitor, prompt: str | None) -> GenerationSession:
         if model.cfg.vocab_size != enc.n_vocab:
             raise _error(f"This model's vocab_size is {model.cfg.vocab_size:,}; generating with the GPT-2 "
                          f"tokenizer needs {enc.n_vocab:,}. Build a model with vocab_size {enc.n_vocab}.")
+        if v.released:
+            v.released = False
+            gr.Warning("Your generation session was the longest idle and was released to make room for other "
+                       "visitors: it starts again from the prompt.")
         v.session = GenerationSession(model, enc, ids, top_k=TOP_K, attn_window=ATTN_WINDOW)
+        _admit(v)
+    v.last_used = time.monotonic()
     return v.session
 
 
@@ -406,9 +476,40 @@ def _kv_readout(v: Visitor) -> str:
                 "every step).")
     else:
         work = f"**This step computed all {r.positions_computed} positions** (a prefill: there was no cache to reuse)."
-    return (f"**KV cache:** {r.cache_tokens:,} tokens cached = {r.cache_tokens * per_token / 1e6:,.2f} MB of keys "
+    return (f"{_this_step(v)}\n\n"
+            f"**KV cache:** {r.cache_tokens:,} tokens cached = {r.cache_tokens * per_token / 1e6:,.2f} MB of keys "
             f"and values ({r.cache_bytes / 1e6:,.2f} MB allocated, grown in chunks) · {formula}  \n"
-            f"{work} Step time {r.ms:.0f} ms.")
+            f"{work} Step time {r.ms:.0f} ms. The Inside tab shows the cache layer by layer.")
+
+
+def _md_code(text: str) -> str:
+    """``text`` as a Markdown code span, whatever backticks it holds."""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text[:1] == "`" or text[-1:] == "`" else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _this_step(v: Visitor) -> str:
+    """The last step in words: what it read and chose, the runner-up, and from which block on
+    the logit lens already predicts the choice (Markdown)."""
+    s = v.session
+    r = s.steps[-1]
+    chosen = next((c for c in r.candidates if c.token_id == r.token_id), None)
+    text = f"**Step {len(s.steps)}** read {r.context_len} tokens and chose {_md_code(_label(r.token_id))}"
+    if chosen is not None:
+        text += f" (p = {plots.percent(chosen.prob)})"
+    runner_up = next((c for c in r.candidates if c.token_id != r.token_id), None)
+    if runner_up is not None:
+        text += f", ahead of {_md_code(_label(runner_up.token_id))} ({plots.percent(runner_up.prob)})"
+    if r.lens:
+        first = len(r.lens)
+        while first > 0 and r.lens[first - 1].token_id == r.token_id:
+            first -= 1
+        last = len(r.lens) - 1
+        text += (". Logit lens: every block already predicts it" if first == 0 else
+                 ". Logit lens: only the last block predicts it" if first >= last else
+                 f". Logit lens: blocks {first}–{last} predict it")
+    return text + "."
 
 
 def _topk_figure(v: Visitor) -> go.Figure:
@@ -594,8 +695,8 @@ def attention(layer: Any, head: Any, state: Visitor | None):
 
 PARAMS_CHART_HEIGHT = 560
 #: Columns of the breakdown shown on the page (the formula carries the shapes), with their widths.
-BREAKDOWN_COLUMNS = {"component": "13%", "module": "18%", "formula": "19%", "params each": "10%", "×": "4%",
-                     "total": "11%", "% of model": "8%", "note": "17%"}
+BREAKDOWN_COLUMNS = {"component": "15%", "module": "18%", "formula": "18%", "params each": "9%", "×": "4%",
+                     "total": "9%", "% of model": "7%", "note": "20%"}
 
 
 def _preset_name(cfg: GPTConfig) -> str:
@@ -725,6 +826,283 @@ def build_custom(vocab_size: Any, context_length: Any, emb_dim: Any, n_heads: An
     return _use_model(_visitor(state), ModelSpec(RANDOM, cfg, _dtype(dtype)), progress)
 
 
+# --------------------------------------------------------------------------- inside view
+
+#: The shape table's columns and widths; ``line`` is the line of gptviz/model.py a row comes from.
+SHAPE_COLUMNS = {"module": "40%", "input": "24%", "output": "24%", "line": "12%"}
+CODE_ABOVE, CODE_BELOW = 8, 15  # lines of source shown around the highlighted one
+COMPARE_HEIGHT, KV_HEIGHT = 440, 320
+DEFAULT_HEADS = "0.3, 5.1"
+#: Column widths of the two-run top-k tables (ablation, precision): #, run a, p, p, run b, p.
+PAIR_WIDTHS = ["6%", "25%", "13%", "17%", "25%", "14%"]
+KV_COLUMNS = ["layer", "K shape", "V shape", "allocated shape", "filled", "allocated"]
+KV_CURVE_POINTS = 64  # contexts at which the KV view's chart counts the work of a step
+
+INSIDE_CSS = """
+.about { font-size: 14px; color: #3b4252; line-height: 1.6; }
+.about .tokens, .summary .tok { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace;
+        background: #eef1f7; border-radius: 4px; padding: 0 4px; }
+.about .tokens { white-space: pre-wrap; }
+.summary .tok { white-space: pre; }
+.summary { font-size: 14px; line-height: 1.6; color: #1f2430; }
+.summary p { margin: 4px 0; }
+.summary table { border-collapse: collapse; margin: 4px 0 8px 0; width: auto !important; border: none !important; }
+.summary tr { border: none !important; }
+.summary th, .summary td { border: none !important; border-bottom: 1px solid #e3e6ee !important;
+        padding: 4px 18px 4px 0 !important; text-align: left; background: none !important; white-space: nowrap; }
+.summary .yes { color: #0d8a6a; font-weight: 600; }
+.summary .no { color: #b34; font-weight: 600; }
+.code-head { font-size: 13px; color: #555c6b; margin: 0 0 6px 2px; }
+.code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12px; line-height: 1.6;
+        background: #f7f8fb; border: 1px solid #e3e6ee; border-radius: 8px; padding: 6px 0; overflow-x: auto;
+        white-space: pre; color: #1f2430; }
+.code .lines { display: inline-block; min-width: 100%; }
+.code .row { min-height: 1.6em; padding-right: 12px; }
+.code .row.hl { background: #FFE9A8; box-shadow: inset 4px 0 #d08a00; font-weight: 600; }
+.code .ln { display: inline-block; width: 2.5em; margin-right: 0.8em; text-align: right; color: #9aa1ae; }
+"""
+
+
+@functools.cache
+def _definitions() -> tuple[tuple[int, int, str], ...]:
+    """(first line, last line, qualified name) of every class and function of gptviz/model.py."""
+    source, first = model_source()
+    found: list[tuple[int, int, str]] = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef)):
+                found.append((child.lineno + first - 1, child.end_lineno + first - 1, prefix + child.name))
+                visit(child, f"{prefix}{child.name}.")
+
+    visit(ast.parse(source), "")
+    return tuple(found)
+
+
+def code_html(line: int) -> str:
+    """gptviz/model.py around ``line`` with that line highlighted, headed by the class or
+    function holding it (HTML, every text escaped)."""
+    source, first = model_source()
+    lines = source.splitlines()
+    last = first + len(lines) - 1
+    line = min(max(line, first), last)
+    lo = max(first, min(line - CODE_ABOVE, last - CODE_ABOVE - CODE_BELOW))
+    hi = min(last, lo + CODE_ABOVE + CODE_BELOW)
+    where = max((d for d in _definitions() if d[0] <= line <= d[1]), key=lambda d: d[0], default=None)
+    rows = "".join(f'<div class="row{" hl" if n == line else ""}"><span class="ln">{n}</span>'
+                   f"{_esc(lines[n - first])}</div>" for n in range(lo, hi + 1))
+    head = "<b>gptviz/model.py</b>" + (f" · {_esc(where[2])}" if where else "") + f" · line {line} highlighted"
+    return f'<div class="code-head">{head}</div><div class="code"><div class="lines">{rows}</div></div>'
+
+
+def _inside_input(v: Visitor, prompt: str | None) -> tuple[GPTModel, list[int], str]:
+    """(model, the tokens the next Step reads, an HTML line saying which): the session's tokens
+    if the session belongs to this prompt, else the prompt's; cropped to the context as a step is."""
+    ids = _prompt_ids(prompt)
+    model = _model_of(v)
+    with v.lock:
+        s = v.session
+        generated = len(s.steps) if s is not None and s.prompt_ids == ids else 0
+        if generated:
+            ids = s.ids
+    ctx = model.cfg.context_length
+    read = ids[-ctx:]
+    text = get_encoding().decode(read)
+    tail = text if len(text) <= 160 else "…" + text[-159:]
+    what = f"{len(ids) - generated} prompt + {generated} generated tokens" + \
+        (f", the last {ctx} of them" if len(ids) > ctx else "")
+    about = (f'<div class="about">Inside <b>{_esc(v.spec.label)}</b>, on the {len(read)} tokens the next Step reads '
+             f'({what}): <span class="tokens">{_esc(tail)}</span></div>')
+    return model, read, about
+
+
+def _tree_names(table: pd.DataFrame) -> list[str]:
+    """The tracer's module names as a tree: indented by nesting, without the parent's prefix
+    (``trf_blocks.0.att.W_query`` under ``trf_blocks.0.att`` is ``W_query``); traced tensors
+    and the numbered layers of a Sequential say what they are."""
+    names, parents = [], []
+    for depth, name, kind in zip(table["depth"], table["module"], table["kind"]):
+        del parents[depth:]
+        parent = parents[-1] if parents else ""
+        inside_parent = parent and name.startswith(parent) and name[len(parent):len(parent) + 1] in (".", ":")
+        short = name[len(parent) + 1:] if inside_parent else name
+        parents.append(name)
+        if kind == "traced tensor":
+            short += " (tensor)"
+        elif short.isdigit():
+            short += f" ({kind})"
+        names.append("\u00a0\u00a0" * depth + short)  # non-breaking spaces: the indent survives HTML
+    return names
+
+
+def shapes(prompt: str, expand: bool, state: Visitor | None) -> tuple[str, pd.DataFrame, str]:
+    """The shape tracer on the tokens the next Step reads: (what is traced, every module call of
+    a real forward pass in order with input → output shapes and the line of gptviz/model.py that
+    made it, that source with the attention-scores line highlighted). ``expand``: every block
+    in full, not only ``trf_blocks.0``."""
+    v = _visitor(state)
+    model, ids, about = _inside_input(v, prompt)
+    table = trace_shapes(model, ids, collapse=not expand)
+    shown = table[list(SHAPE_COLUMNS)].assign(module=_tree_names(table))
+    scores = table.loc[table["module"].str.endswith(":attn_scores"), "line"]
+    return about, shown, code_html(int(scores.iloc[0] if len(scores) else table["line"].iloc[0]))
+
+
+def shape_line(evt: gr.SelectData) -> str:
+    """A row of the shape table clicked: the source with that row's line highlighted."""
+    try:
+        return code_html(int(evt.row_value[list(SHAPE_COLUMNS).index("line")]))
+    except (TypeError, ValueError, IndexError):
+        return gr.skip()
+
+
+def _heads_text(heads: tuple[tuple[int, int], ...], n_heads: int) -> str:
+    """``block 0: all 12 heads; block 5: head 3``."""
+    by_block: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_block.setdefault(layer, []).append(head)
+    return "; ".join(f"block {b}: all {n_heads} heads" if len(hs) == n_heads else
+                     f"block {b}: head{'s' if len(hs) > 1 else ''} {', '.join(map(str, hs))}"
+                     for b, hs in sorted(by_block.items()))
+
+
+def _tok(token_id: int) -> str:
+    """A token for the Inside summaries (HTML)."""
+    return f'<span class="tok">{_esc(_label(token_id, None, 20))}</span>'
+
+
+def _pair_columns(a: str, b: str) -> list[str]:
+    """Columns of a two-run top-k table: rank, run a's tokens and p, run b's p of those, run b's own."""
+    return ["#", a, f"p {a}", f"p {b}, same token", b, f"p {b}"]
+
+
+def _pair_table(t: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """A side-by-side top-k of :mod:`gptviz.inside` as shown: pieces with ids, probabilities in %."""
+    def tokens(run: str) -> list[str]:
+        return [f"{_label(i, None, 16)} ({i})" for i in t[f"{run} id"]]
+
+    def pct(col: str) -> list[str]:
+        return [plots.percent(p) for p in t[col]]
+
+    values = [t["rank"], tokens(a), pct(f"{a} p"), pct(f"{b} p (same token)"), tokens(b), pct(f"{b} p")]
+    return pd.DataFrame(dict(zip(_pair_columns(a, b), values)))
+
+
+def ablation(prompt: str, heads: str, state: Visitor | None) -> tuple[str, pd.DataFrame, go.Figure]:
+    """Switch attention heads off for the next token (``"0.3, 5.1"``: block.head; ``"L4H*"`` or
+    ``"4.*"``: every head of block 4): (summary, top-k normal vs ablated, chart). The shared
+    model is not modified: the heads' outputs are zeroed through the forward pass's head mask."""
+    v = _visitor(state)
+    spec = _check_text(heads, "list of heads").strip()
+    if not spec:
+        raise _error("Type the heads to switch off as block.head, e.g. 0.3, 5.1, or L4H* for every head of "
+                     "block 4.")
+    model, ids, _ = _inside_input(v, prompt)
+    try:
+        r = ablate(model, ids, spec, top_k=TOP_K)
+    except ValueError as e:
+        raise _error(f"{e}.") from None
+    cfg = model.cfg
+    normal, ablated = int(r.logits.argmax()), int(r.ablated_logits.argmax())
+    verdict = (f'<span class="no">top-1 changed</span>: {_tok(normal)} → {_tok(ablated)}' if r.top1_changed else
+               f'<span class="yes">top-1 unchanged</span>: {_tok(normal)}')
+    summary = (f'<div class="summary"><p>Switched off <b>{len(r.heads)} of {cfg.n_layers * cfg.n_heads} heads</b> '
+               f"({_esc(_heads_text(r.heads, cfg.n_heads))}): their outputs are zeroed before out_proj.</p>"
+               f"<p>{verdict} · largest logit change <b>{r.max_logit_change:.4g}</b></p></div>")
+    shown = r.table["normal id"].tolist()
+    shown += [i for i in r.table["ablated id"].tolist()[:3] if i not in shown]  # the ablated run's favourites too
+    p_normal, p_ablated = torch.softmax(r.logits.float(), -1), torch.softmax(r.ablated_logits.float(), -1)
+    figure = plots.comparison_figure(
+        [f"{_label(i, None, 16)}  ({i})" for i in shown], p_normal[shown].tolist(), p_ablated[shown].tolist(),
+        names=("normal", "ablated"), height=COMPARE_HEIGHT,
+        title=f"Next token, normal and with {len(r.heads)} head{'s' if len(r.heads) > 1 else ''} off")
+    return summary, _pair_table(r.table, "normal", "ablated"), figure
+
+
+def precision(prompt: str, state: Visitor | None) -> tuple[str, pd.DataFrame]:
+    """The next token in float32 and in bfloat16: (summary: largest logit difference, top-1 and
+    top-k agreement, ms per forward; top-k side by side). The bfloat16 copy is made once per
+    shared model (:meth:`ModelStore.low_precision`), within the memory limit."""
+    v = _visitor(state)
+    model, ids, _ = _inside_input(v, prompt)
+    if model.dtype != torch.float32:
+        raise _error(f"This model runs in {v.spec.dtype}: load it in float32 on the Model tab to compare float32 "
+                     "with bfloat16.")
+    need, limit = estimated_bytes(model.cfg, torch.float32) + estimated_bytes(model.cfg, LOW_DTYPE), max_model_bytes()
+    if need > limit:
+        raise _error(f"Comparing precisions keeps a bfloat16 copy beside the model: {need / 1e9:.2f} GB in all; this "
+                     f"app allows {limit / 1e9:.2f} GB (GPTVIZ_MAX_MODEL_BYTES).")
+    repeats = max(1, min(3, 256 // len(ids)))  # timed forwards: fewer on long texts (a 1024-token one takes ~1 s)
+    r = compare_precision(model, ids, low_model=MODELS.low_precision(v.spec), top_k=TOP_K, repeats=repeats)
+    a, b = (str(d).removeprefix("torch.") for d in (r.reference_dtype, r.dtype))
+    top_a, top_b = int(r.logits.argmax()), int(r.low_logits.argmax())
+    p_a, p_b = torch.softmax(r.logits.float(), -1), torch.softmax(r.low_logits, -1)
+    k = min(TOP_K, r.logits.numel())
+    yes_no = {True: '<span class="yes">{}</span>', False: '<span class="no">{}</span>'}
+    summary = (
+        f'<div class="summary"><table><tr><th></th><th>{a}</th><th>{b}</th></tr>'
+        f"<tr><td>top-1 next token</td><td>{_tok(top_a)} {plots.percent(float(p_a[top_a]))}</td>"
+        f"<td>{_tok(top_b)} {plots.percent(float(p_b[top_b]))}</td></tr>"
+        f"<tr><td>one forward over {len(ids)} tokens</td><td>{r.ms_reference:.1f} ms</td><td>{r.ms_low:.1f} ms</td>"
+        f"</tr></table><p>Largest logit difference <b>{r.max_abs_diff:.4g}</b> · top-1 "
+        + yes_no[r.top1_agree].format("agrees" if r.top1_agree else "differs")
+        + f" · the top-{k} share " + yes_no[r.topk_agree].format(f"{r.topk_overlap} of {k}") + " tokens</p>"
+        f"<p>bfloat16 keeps float32's range but only 8 significant bits (2–3 decimal digits): logits move "
+        f"slightly, and candidates with nearly equal logits can swap places.</p></div>"
+    )
+    return summary, _pair_table(r.table, a, b)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 1e6:,.2f} MB" if n >= 1e6 else f"{n / 1e3:,.1f} kB"
+
+
+def _work_figure(cfg: GPTConfig, now: int) -> go.Figure:
+    """FLOPs of one step with and without the KV cache at every context length (``now`` marked)."""
+    contexts = sorted({*range(1, cfg.context_length + 1, max(1, cfg.context_length // KV_CURVE_POINTS)),
+                       cfg.context_length, now})
+    return plots.cache_work_figure(contexts, [forward_flops(cfg, 1, t) for t in contexts],
+                                   [forward_flops(cfg, t, t) for t in contexts], now=now, height=KV_HEIGHT,
+                                   title="Work of one step as the text grows")
+
+
+def kv_cache(state: Visitor | None) -> tuple[str, pd.DataFrame, go.Figure]:
+    """The visitor's KV cache: (what it holds and the work the last step saved against
+    recomputing the whole context; per layer the shapes and bytes of its keys and values; the
+    work of a step with and without the cache against the context length)."""
+    v = _visitor(state)
+    with v.lock:
+        s = v.session
+        cache = s.cache if s is not None else None
+        if cache is None or not cache.length:
+            if s is not None and s.steps and s.steps[-1].cropped:
+                ctx = s.model.cfg.context_length
+                note = (f"The text is longer than the context ({ctx} tokens): cropping shifts every position, so "
+                        f"cached keys and values no longer fit; each step recomputes all {ctx} positions, as the "
+                        "source does, and no cache is kept.")
+                figure = _work_figure(s.model.cfg, ctx)
+            else:
+                note = ("The cache is empty: press Step on the Generate tab. The first step runs the prompt through "
+                        "the model (a prefill) and keeps every layer's keys and values here.")
+                figure = plots.empty_figure("Press Step on the Generate tab", height=KV_HEIGHT)
+            return f'<div class="summary"><p>{note}</p></div>', pd.DataFrame(columns=KV_COLUMNS), figure
+        cfg = s.model.cfg
+        table = kv_cache_table(cache).rename(columns={"filled bytes": "filled", "allocated bytes": "allocated"})
+        table[["filled", "allocated"]] = table[["filled", "allocated"]].map(_bytes)
+        if s.steps:
+            r = s.steps[-1]
+            when, saved = f"Step {len(s.steps)}", cache_savings(cfg, r.context_len, r.positions_computed)
+        else:  # back at the prompt, which stays cached
+            when, saved = "The next Step", cache_savings(cfg, min(len(s.ids), cfg.context_length), 1)
+        summary = (
+            f'<div class="summary"><p><b>{cache.length} positions cached</b> in each of {cfg.n_layers} layers: keys '
+            f"and values of shape (b, n_heads, T, head_dim) = (1, {cfg.n_heads}, {cache.length}, {cfg.head_dim}), "
+            f"{_bytes(cache.used_bytes)} filled of {_bytes(cache.nbytes)} allocated (the cache grows in chunks of "
+            f"{cache.layers[0].chunk} positions).</p><p><b>{when}</b>: {_esc(saved.explanation)}</p></div>"
+        )
+    return summary, table, _work_figure(cfg, saved.context_len)
+
+
 # --------------------------------------------------------------------------- the page
 
 THEME = gr.themes.Soft(
@@ -740,16 +1118,48 @@ CSS = """
 #heatmap, #heatmap-avg, #heads-grid, #lens-plot, #topk-plot, #params-chart { contain: layout style paint; }
 /* Below the fold: skip rendering work until scrolled into view. */
 #heads-grid, #lens-plot { content-visibility: auto; contain-intrinsic-size: auto 720px; }
+/* Dense tables: smaller type and padding, so long tables fit a screen. */
+.compact [role=gridcell], .compact [role=columnheader] { font-size: 12.5px; }
+.compact [role=gridcell] .cell-wrap { padding: 4px 8px; line-height: 18px; min-height: 0; }
+.compact [role=row] { min-height: 0; }
 """
 #: Arguments for ``demo.launch``: Gradio 6 takes the theme and CSS there. No run history: the
 #: browser would store every step's figures and each click would grow slower (~10 → 170 ms
 #: before the request leaves the page after 40 steps).
-LAUNCH_KWARGS: dict[str, Any] = dict(theme=THEME, css=CSS, run_history=False)
+#: No share link (a public tunnel) unless the operator asks; Gradio's per-session records bounded.
+LAUNCH_KWARGS: dict[str, Any] = dict(theme=THEME, css=CSS, run_history=False, share=False,
+                                     state_session_capacity=MAX_SESSIONS)
 
 TOKENIZER_EXAMPLE = "Hello, I am learning how GPT-2 reads text 🦜\n\tCafé, 日本語, tabs and  spaces<|endoftext|>"
-#: Events that run a model share one worker: on a CPU, torch already uses every core for one step,
-#: and two steps at once only slow each other down.
-MODEL_EVENT = dict(concurrency_id="model", concurrency_limit=1, show_progress="hidden")
+#: Events that run a model: up to MODEL_CONCURRENCY are admitted at once and take turns on
+#: MODEL_LOCK, one unit of model work at a time (on a CPU torch already uses every core for one
+#: step; two at once only slow each other down). A Step ×N takes a turn per step, so other
+#: visitors' steps run in between instead of waiting for all N (measured with 8 visitors running
+#: Step ×64: a single Step waits ~1.5 s instead of ~30 s).
+MODEL_CONCURRENCY = 16
+MODEL_EVENT = dict(concurrency_id="model", concurrency_limit=MODEL_CONCURRENCY, show_progress="hidden")
+MODEL_LOCK = threading.Lock()
+
+
+def _take_turns(fn: Any) -> Any:
+    """``fn`` run under :data:`MODEL_LOCK`; for a generator, each step under it (free in between)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            steps = fn(*args, **kwargs)
+            while True:
+                with MODEL_LOCK:
+                    item = next(steps, StopIteration)
+                if item is StopIteration:
+                    return
+                yield item
+        return stream
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with MODEL_LOCK:
+            return fn(*args, **kwargs)
+    return call
 
 
 def _preload() -> None:
@@ -769,7 +1179,8 @@ def build_demo(preload: bool = True) -> gr.Blocks:
     with gr.Blocks(title="gptviz: GPT-2 from the inside") as demo:
         state = gr.State(None, time_to_live=SESSION_TTL_S)
         gr.Markdown("# gptviz · GPT-2 from the inside\nSee the tokens, step through greedy generation one token "
-                    "at a time with attention and logit lens, and count the parameters of any configuration.",
+                    "at a time with attention and logit lens, look inside the forward pass (shapes beside the code, "
+                    "head ablation, precision, KV cache) and count the parameters of any configuration.",
                     elem_id="header")
         with gr.Tabs(elem_id="tabs"):
             # ---------------------------------------------------------------- tokenizer
@@ -790,7 +1201,7 @@ def build_demo(preload: bool = True) -> gr.Blocks:
                     with gr.Column(scale=3):
                         tok_table = gr.Dataframe(table0, label="Tokens: id, piece (· space, ↵ newline), UTF-8 bytes",
                                                  interactive=False, max_height=360, elem_id="token-table",
-                                                 column_widths=["12%", "14%", "28%", "30%", "16%"])
+                                                 column_widths=["13%", "11%", "27%", "26%", "23%"])
                     with gr.Column(scale=2):
                         detok_in = gr.Textbox("15496, 11, 314, 716", label="Ids → text", elem_id="detokenize-input",
                                               info="ids separated by commas or spaces")
@@ -828,8 +1239,73 @@ def build_demo(preload: bool = True) -> gr.Blocks:
                     heatmap_avg = gr.Plot(blank[5], show_label=False, elem_id="heatmap-avg")
                 grid = gr.Plot(blank[6], show_label=False, elem_id="heads-grid")
                 lens = gr.Plot(blank[7], show_label=False, elem_id="lens-plot")
-                with gr.Accordion("Raw data of the last step (what the step API returns)", open=False):
+                with gr.Accordion("Raw data of the last step (what the step API returns)", open=False,
+                                  elem_id="step-json-acc"):
                     step_json = gr.JSON(blank[4], elem_id="step-json", show_label=False)
+            # ---------------------------------------------------------------- inside
+            with gr.Tab("Inside", id="inside", elem_id="tab-inside") as inside_tab:
+                inside_about = gr.HTML('<div class="about">The text of the Generate tab is traced when this tab '
+                                       "opens.</div>", css_template=INSIDE_CSS, elem_id="inside-about")
+                with gr.Row():
+                    gr.Markdown("### Tensor shapes beside the code\nEvery module call of one real forward pass "
+                                "(recorded by hooks), in order, with input → output shapes. Click a row to see the "
+                                "line of `gptviz/model.py` that made it.", elem_id="shapes-intro")
+                    expand = gr.Checkbox(False, label="Show every block, not only trf_blocks.0", scale=0,
+                                         min_width=360, elem_id="shapes-expand")
+                with gr.Row():
+                    with gr.Column(scale=6):
+                        shape_table = gr.Dataframe(pd.DataFrame(columns=list(SHAPE_COLUMNS)), interactive=False,
+                                                   show_label=False, max_height=500, elem_id="shape-table",
+                                                   elem_classes="compact", buttons=[],
+                                                   column_widths=list(SHAPE_COLUMNS.values()))
+                    with gr.Column(scale=7):
+                        code = gr.HTML(code_html(model_source(MultiHeadAttention.forward)[1]),
+                                       css_template=INSIDE_CSS, elem_id="model-code")
+                gr.Markdown("### Head ablation\nSwitch attention heads off (their outputs zeroed before "
+                            "`out_proj`) and compare the next-token candidates; the shared model is not modified.",
+                            elem_id="ablate-intro")
+                with gr.Row(equal_height=True):
+                    heads_box = gr.Textbox(DEFAULT_HEADS, label="Heads to switch off", scale=4,
+                                           elem_id="ablate-heads",
+                                           info="block.head, e.g. 0.3, 5.1 (or L0H3); L4H* is every head of block 4")
+                    ablate_btn = gr.Button("Switch off and compare", variant="primary", scale=1,
+                                           elem_id="ablate-btn")
+                with gr.Row():
+                    with gr.Column(scale=5):
+                        ablate_summary = gr.HTML("", css_template=INSIDE_CSS, elem_id="ablate-summary")
+                        ablate_table = gr.Dataframe(pd.DataFrame(columns=_pair_columns("normal", "ablated")),
+                                                    interactive=False, show_label=False, elem_id="ablate-table",
+                                                    elem_classes="compact", wrap=True, buttons=[],
+                                                    column_widths=PAIR_WIDTHS)
+                    with gr.Column(scale=4):
+                        ablate_plot = gr.Plot(plots.empty_figure("Press “Switch off and compare”",
+                                                                 height=COMPARE_HEIGHT),
+                                              show_label=False, elem_id="ablate-plot")
+                gr.Markdown("### Precision: float32 and bfloat16\nThe same next-token prediction from the model "
+                            "and from a bfloat16 copy of it (one copy per shared model, made on first use).",
+                            elem_id="precision-intro")
+                with gr.Row():
+                    with gr.Column(scale=4):
+                        precision_btn = gr.Button("Compare float32 and bfloat16", variant="primary",
+                                                  elem_id="precision-btn")
+                        precision_summary = gr.HTML("", css_template=INSIDE_CSS, elem_id="precision-summary")
+                    with gr.Column(scale=5):
+                        precision_table = gr.Dataframe(pd.DataFrame(columns=_pair_columns("float32", "bfloat16")),
+                                                       interactive=False, show_label=False,
+                                                       elem_id="precision-table", elem_classes="compact", wrap=True,
+                                                       buttons=[], column_widths=PAIR_WIDTHS)
+                gr.Markdown("### KV cache\nWhat the cache of your generation session holds, layer by layer, and "
+                            "the work it saves.", elem_id="kv-intro")
+                with gr.Row():
+                    with gr.Column(scale=4):
+                        kv_summary = gr.HTML("", css_template=INSIDE_CSS, elem_id="kv-summary")
+                        kv_plot = gr.Plot(plots.empty_figure("Press Step on the Generate tab", height=KV_HEIGHT),
+                                          show_label=False, elem_id="kv-plot")
+                    with gr.Column(scale=5):
+                        kv_table = gr.Dataframe(pd.DataFrame(columns=KV_COLUMNS), interactive=False,
+                                                show_label=False, max_height=520, elem_id="kv-table",
+                                                elem_classes="compact", buttons=[],
+                                                column_widths=["9%", "19%", "19%", "21%", "15%", "17%"])
             # ---------------------------------------------------------------- parameters
             with gr.Tab("Parameters", id="parameters", elem_id="tab-parameters"):
                 p0 = _params_view(PRESETS["seed-124M"])
@@ -850,8 +1326,8 @@ def build_demo(preload: bool = True) -> gr.Blocks:
                         p_total = gr.Markdown(p0[0], elem_id="params-total")
                         p_chart = gr.Plot(p0[3], show_label=False, elem_id="params-chart")
                 p_table = gr.Dataframe(p0[2], label="Parameter breakdown (as the source counts them)",
-                                       interactive=False, wrap=True, elem_id="params-table", max_height=900,
-                                       column_widths=list(BREAKDOWN_COLUMNS.values()))
+                                       interactive=False, wrap=True, elem_id="params-table", max_height=680,
+                                       elem_classes="compact", column_widths=list(BREAKDOWN_COLUMNS.values()))
                 p_memory = gr.Dataframe(p0[4], label="Memory and compute (batch 1)", interactive=False, wrap=True,
                                         elem_id="params-memory", column_widths=["30%", "12%", "58%"])
             # ---------------------------------------------------------------- model
@@ -888,6 +1364,14 @@ def build_demo(preload: bool = True) -> gr.Blocks:
         reset_btn.click(reset, [prompt, layer, head, state], main, api_name="reset", **MODEL_EVENT).success(**after)
         gr.on([layer.input, head.input], attention, [layer, head, state], [heatmap, heatmap_avg, grid],
               api_name="attention", trigger_mode="always_last", **MODEL_EVENT)
+        gr.on([inside_tab.select, expand.input], shapes, [prompt, expand, state], [inside_about, shape_table, code],
+              api_name="shapes", trigger_mode="always_last", **MODEL_EVENT).then(
+            kv_cache, state, [kv_summary, kv_table, kv_plot], api_name="kv_cache", show_progress="hidden")
+        shape_table.select(shape_line, None, code, api_visibility="private", show_progress="hidden")
+        gr.on([ablate_btn.click, heads_box.submit], ablation, [prompt, heads_box, state],
+              [ablate_summary, ablate_table, ablate_plot], api_name="ablate", **MODEL_EVENT)
+        precision_btn.click(precision, [prompt, state], [precision_summary, precision_table], api_name="precision",
+                            **MODEL_EVENT)
         p_outputs = [p_total, preset_dd, p_table, p_chart, p_memory]
         gr.on([f.input for f in fields], params, fields, p_outputs, api_name="params", trigger_mode="always_last",
               show_progress="hidden")
@@ -898,5 +1382,15 @@ def build_demo(preload: bool = True) -> gr.Blocks:
         build_btn.click(build_custom, fields + [dtype, state], switched, api_name="build_model",
                         concurrency_id="load", concurrency_limit=1)
         demo.load(model_card, state, card, api_visibility="private")  # on each page load: loaded yet? which device?
+
+        def release(request: gr.Request) -> None:
+            """A tab closed: drop its state now (Gradio would keep it an hour for a reconnect; a
+            reloaded page is a new session anyway), so its generation session's memory returns."""
+            demo.state_holder.delete_state(request.session_hash)
+
+        demo.unload(release)
+    for fn in demo.fns.values():  # every model event, however registered, takes turns on MODEL_LOCK
+        if fn.concurrency_id == MODEL_EVENT["concurrency_id"]:
+            fn.fn = _take_turns(fn.fn)
     demo.queue(default_concurrency_limit=4, max_size=64)
     return demo

@@ -135,7 +135,8 @@ def test_logit_lens_figure_is_layers_by_steps():
     assert text[0, 1] == "c" and text[1, 2] == "averyve…"
     assert np.array(hm.customdata, dtype=object)[1, 2] == "averyveryverylongpiece"  # full piece on hover
     assert list(fig.layout.xaxis.ticktext) == ["x0", "x1", "x2"]
-    assert hm.zmin == 0 and hm.zmax == 1 and "%{text}" in hm.texttemplate and "%{z" in hm.texttemplate  # token + prob
+    assert hm.zmin == 0 and hm.zmax == pytest.approx(0.6)  # the colour scale ends at the largest probability
+    assert "%{text}" in hm.texttemplate and "%{z" in hm.texttemplate  # token + prob
 
 
 def test_empty_figure_carries_its_message():

@@ -39,7 +39,7 @@ def test_shots_cover_every_tab_and_the_views_the_readme_tours(page_parts):
     assert len(set(names)) == len(names) and all(re.fullmatch(r"[a-z0-9-]+", n) for n in names)
     assert {s.tab for s in SHOTS} == tabs  # a new tab needs a shot
     assert {"tokenizer", "generate", "attention", "heads-grid", "logit-lens", "parameters", "parameters-custom",
-            "model"} <= set(names)
+            "model", "inside-shapes", "inside-ablation", "inside-precision", "inside-kv-cache"} <= set(names)
 
 
 def test_every_element_a_shot_names_exists(page_parts):

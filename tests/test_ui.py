@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import html
 import re
 import threading
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
 import pytest
 import torch
 
+import gptviz.model
 from gptviz import PRESETS, GPTConfig, GPTModel, encode, ui
 from gptviz.weights import WeightsError
 
@@ -379,8 +382,170 @@ def test_page_has_the_named_endpoints_and_ids():
     config = demo.get_config_file()
     names = {d.get("api_name") for d in config["dependencies"]}
     assert {"tokenize", "detokenize", "step", "step_n", "undo", "reset", "attention", "params", "preset",
-            "load_model", "build_model"} <= names
+            "load_model", "build_model", "shapes", "kv_cache", "ablate", "precision"} <= names
     ids = {c["props"].get("elem_id") for c in config["components"]}
     assert {"tokenize-input", "tokenize-btn", "token-chips", "step-btn", "stepn-btn", "undo-btn", "reset-btn",
             "heatmap", "topk-plot", "lens-plot", "kv-readout", "params-total", "cfg-n_layers", "tab-tokenizer",
-            "tab-generate", "tab-parameters", "tab-model", "weights-choice"} <= ids
+            "tab-generate", "tab-parameters", "tab-model", "weights-choice", "tab-inside", "shape-table", "model-code",
+            "ablate-heads", "ablate-btn", "ablate-plot", "precision-btn", "kv-table", "kv-plot", "step-json-acc"} <= ids
+
+
+# --------------------------------------------------------------------------- inside
+
+MODEL_LINES = Path(gptviz.model.__file__).read_text().splitlines()
+
+
+def highlighted(code: str) -> tuple[int, str]:
+    """(line number, text) of the highlighted line of a code view."""
+    (number, text), = re.findall(r'<div class="row hl"><span class="ln">(\d+)</span>(.*?)</div>', code)
+    return int(number), html.unescape(text)
+
+
+def next_logits(model: GPTModel, ids: list[int], head_mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids]), head_mask=head_mask)[0, -1]
+
+
+def topk_ids(logits: torch.Tensor, k: int = ui.TOP_K) -> list[int]:
+    return torch.softmax(logits, -1).topk(k).indices.tolist()
+
+
+def ids_in(column) -> list[int]:
+    """Token ids from display cells such as "·am (716)"."""
+    return [int(re.search(r"\((\d+)\)$", cell)[1]) for cell in column]
+
+
+def test_shapes_trace_the_tokens_the_next_step_reads(visitor, tiny_cfg):
+    about, table, code = ui.shapes(PROMPT, False, visitor)  # no session yet: the prompt
+    assert "the 4 tokens the next Step reads" in about and "Hello, I am" in about
+    for _ in ui.step_n(PROMPT, 2, 0, 0, visitor):
+        pass
+    about, table, code = ui.shapes(PROMPT, False, visitor)
+    t, h, d = 6, tiny_cfg.n_heads, tiny_cfg.emb_dim // tiny_cfg.n_heads  # 4 prompt + 2 generated tokens
+    assert "the 6 tokens the next Step reads (4 prompt + 2 generated tokens)" in about
+    rows = dict(zip(table["module"].str.strip(), table["output"]))
+    assert rows["GPTModel"] == f"(1, {t}, {tiny_cfg.vocab_size})" and rows["tok_emb"] == f"(1, {t}, {tiny_cfg.emb_dim})"
+    assert rows["attn_scores (tensor)"] == f"(1, {h}, {t}, {t})" and rows["queries (tensor)"] == f"(1, {h}, {t}, {d})"
+    assert rows["0 (Linear)"] == f"(1, {t}, {4 * tiny_cfg.emb_dim})"  # ff.layers.0, named by the tree
+    assert table["module"].iloc[1].startswith("\u00a0\u00a0") and not table["module"].iloc[0].startswith("\u00a0")
+    assert "trf_blocks.1" in " ".join(table["module"])  # the later block, collapsed into one row
+    for line, module in zip(table["line"], table["module"]):  # each row's line is real source
+        assert 1 <= line <= len(MODEL_LINES), module
+    number, text = highlighted(code)  # by default: where the attention scores are made
+    assert "attn_scores = queries @ keys" in text and MODEL_LINES[number - 1].strip() == text.strip()
+    assert "MultiHeadAttention.forward" in code
+    _, full, _ = ui.shapes(PROMPT, True, visitor)
+    assert len(full) > len(table) and (full["module"].str.strip() == "trf_blocks.1").sum() == 1
+
+
+def test_clicking_a_shape_row_highlights_its_line(visitor):
+    _, table, _ = ui.shapes(PROMPT, False, visitor)
+    row = table[table["module"].str.strip() == "W_query"].iloc[0].tolist()
+    code = ui.shape_line(gr.SelectData(None, {"index": [8, 0], "value": row[0], "row_value": row}))
+    number, text = highlighted(code)
+    assert number == row[-1] and "self.W_query(x)" in text
+    bad = gr.SelectData(None, {"index": [0, 0], "value": "", "row_value": ["", "", "", "NaN"]})
+    assert is_skip(ui.shape_line(bad))
+    assert highlighted(ui.code_html(10**6))[0] == len(MODEL_LINES)  # clamped to the file
+    assert "<" not in re.sub(r"</?(div|span|b)\b[^>]*>", "", ui.code_html(highlighted(code)[0]))  # text escaped
+
+
+def test_ablation_compares_candidates_and_leaves_the_model_alone(visitor, tiny_cfg):
+    ui.step(PROMPT, 0, 0, visitor)
+    model, ids = visitor.session.model, visitor.session.ids
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    summary, table, figure = ui.ablation(PROMPT, "0.1, L1H*", visitor)
+    n = tiny_cfg.n_heads
+    assert f"Switched off <b>{1 + n} of {2 * n} heads</b>" in summary and "block 1: all 4 heads" in summary
+    mask = torch.ones(tiny_cfg.n_layers, n)
+    mask[0, 1] = 0
+    mask[1] = 0
+    normal, ablated = next_logits(model, ids), next_logits(model, ids, mask)
+    assert ids_in(table["normal"]) == topk_ids(normal) and ids_in(table["ablated"]) == topk_ids(ablated)
+    assert f"{(ablated - normal).abs().max().item():.4g}" in summary
+    assert ("top-1 changed" in summary) == (normal.argmax() != ablated.argmax())
+    bars_normal, bars_ablated = figure.data
+    assert (bars_normal.name, bars_ablated.name) == ("normal", "ablated")
+    np.testing.assert_allclose(bars_normal.x[:3], torch.softmax(normal, -1).topk(3).values.numpy(), rtol=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the shared model is untouched
+    assert ui.step(PROMPT, 0, 0, visitor)[4]["ids"] == source_greedy(seeded(tiny_cfg), HELLO_IDS, 2)
+
+
+@pytest.mark.parametrize("heads, message", [("", "Type the heads"), ("2.0", "layer 2 is out of range"),
+                                            ("0.9", "head 9 is out of range"), ("zero.one", "cannot read head"),
+                                            ("0.1" * 10_000, "20,000")])
+def test_ablation_refuses_bad_head_lists(visitor, heads, message):
+    with pytest.raises(gr.Error, match=message):
+        ui.ablation(PROMPT, heads, visitor)
+    assert "Switched off <b>1 of" in ui.ablation(PROMPT, "1.3", visitor)[0]  # still usable
+
+
+def test_precision_compares_float32_with_one_shared_bfloat16_copy(visitor, fresh_store):
+    summary, table = ui.precision(PROMPT, visitor)
+    model = ui.MODELS.get(visitor.spec)
+    low = ui.MODELS.low_precision(visitor.spec)
+    assert low.dtype == torch.bfloat16 and model.dtype == torch.float32 and low is not model
+    normal = next_logits(model, HELLO_IDS)
+    assert ids_in(table["float32"]) == topk_ids(normal)
+    with torch.no_grad():
+        low_logits = low(torch.tensor([HELLO_IDS]))[0, -1].float()
+    assert ids_in(table["bfloat16"]) == topk_ids(low_logits)
+    assert f"{(low_logits - normal).abs().max().item():.4g}" in summary
+    assert "one forward over 4 tokens" in summary and summary.count(" ms") == 2
+    other = ui.Visitor(visitor.spec)
+    ui.precision(PROMPT, other)
+    assert ui.MODELS.low_precision(other.spec) is low  # one copy per shared model, not per visitor
+
+
+def test_precision_refusals(visitor, monkeypatch, fresh_store):
+    monkeypatch.setenv("GPTVIZ_MAX_MODEL_BYTES", "1e4")
+    with pytest.raises(gr.Error, match="bfloat16 copy beside the model"):
+        ui.precision(PROMPT, visitor)
+    monkeypatch.delenv("GPTVIZ_MAX_MODEL_BYTES")
+    low = ui.Visitor(ui.ModelSpec(ui.RANDOM, visitor.spec.cfg, "bfloat16"))
+    with pytest.raises(gr.Error, match="runs in bfloat16"):
+        ui.precision(PROMPT, low)
+
+
+def test_low_precision_copies_leave_with_their_model(monkeypatch, tiny_cfg):
+    monkeypatch.setattr(ui, "build_model", lambda spec: seeded(spec.cfg))
+    store = ui.ModelStore(capacity=1)
+    spec = ui.ModelSpec(ui.RANDOM, tiny_cfg)
+    low = store.low_precision(spec)
+    assert store.low_precision(spec) is low and low.dtype == ui.LOW_DTYPE
+    store.get(ui.ModelSpec(ui.RANDOM, tiny_cfg.replace(n_layers=1)))  # evicts spec, and its copy
+    assert spec not in store and store.low_precision(spec) is not low
+
+
+def test_kv_cache_view_shows_the_sessions_cache(visitor, tiny_cfg):
+    summary, table, figure = ui.kv_cache(visitor)
+    assert "cache is empty" in summary and len(table) == 0
+    for _ in ui.step_n(PROMPT, 3, 0, 0, visitor):
+        pass
+    summary, table, figure = ui.kv_cache(visitor)
+    cached, d = 6, tiny_cfg.emb_dim // tiny_cfg.n_heads  # 4 prompt + 2 generated tokens have been read
+    assert table["layer"].tolist() == list(range(tiny_cfg.n_layers))
+    assert set(table["K shape"]) == set(table["V shape"]) == {f"(1, {tiny_cfg.n_heads}, {cached}, {d})"}
+    filled = 2 * tiny_cfg.n_heads * cached * d * 4  # keys and values of one layer, fp32
+    assert set(table["filled"]) == {f"{filled / 1e3:,.1f} kB"}
+    assert f"<b>{cached} positions cached</b>" in summary and "<b>Step 3</b>" in summary
+    assert "ran 1 of 6 positions" in summary  # step 3 read 6 tokens, 5 from the cache
+    without, with_cache = figure.data
+    assert with_cache.name == "with the KV cache" and all(a <= b for a, b in zip(with_cache.y, without.y))
+    assert figure.layout.shapes[0].x0 == 6  # "now" marked at this step's context
+
+
+def test_kv_cache_view_after_the_context_overflows():
+    v = ui.Visitor(ui.ModelSpec(ui.RANDOM, GPTConfig(context_length=6, emb_dim=16, n_heads=2, n_layers=2)))
+    with pytest.warns(UserWarning, match="longer than the model's context"):
+        for _ in ui.step_n(PROMPT, 4, 0, 0, v):
+            pass
+    summary, table, figure = ui.kv_cache(v)
+    assert "recomputes all 6 positions" in summary and len(table) == 0 and figure.layout.shapes[0].x0 == 6
+
+
+def test_step_readout_says_what_the_step_chose(visitor):
+    kv = ui.step(PROMPT, 0, 0, visitor)[3]
+    r = visitor.session.steps[-1]
+    assert f"**Step 1** read 4 tokens and chose `{ui._label(r.token_id)}`" in kv
+    assert f"ahead of `{ui._label(r.candidates[1].token_id)}`" in kv and "Logit lens:" in kv
