@@ -1,0 +1,202 @@
+"""The launched app under concurrent load, from outside: gradio_client, one Client per session.
+
+One app (the default model: the source's 124M configuration, random weights, seed 123, on the
+CPU) serves every test here. Latencies are printed (``pytest -s``), never asserted: speed is
+measured, not tested.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import statistics
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+import torch
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from gptviz import PRESETS, GPTModel, encode, generate_greedy, ui
+from gptviz.generation import GenerationSession
+from gptviz.screenshots import running_app
+
+N_CLIENTS, N_STEPS = 8, 20
+LONG_RUN = 32  # Step ×N in the turn-taking test (the limit is MAX_STEPS_PER_CLICK = 64)
+
+
+@pytest.fixture(scope="module")
+def url():
+    os.environ["GRADIO_HEARTBEAT_INTERVAL"] = "1"  # a closed client is noticed within a second (default 15 s)
+    with running_app() as address:
+        ui.MODELS.get(ui.default_spec())  # wait for the start-up model
+        yield address
+    os.environ.pop("GRADIO_HEARTBEAT_INTERVAL")
+
+
+def client(url: str) -> Client:
+    return Client(url, verbose=False)
+
+
+def in_threads(n: int, work) -> list[BaseException]:
+    """Run ``work(k)`` for k < n in n threads started together; the exceptions they raised."""
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def run(k):
+        try:
+            start.wait()
+            work(k)
+        except BaseException as e:  # noqa: BLE001 - every failure is reported by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def report(name: str, seconds: list[float]) -> None:
+    print(f"\n{name}: {len(seconds)} requests, median {statistics.median(seconds) * 1000:.0f} ms, "
+          f"max {max(seconds) * 1000:.0f} ms")
+
+
+def test_clients_stepping_at_once_each_get_their_own_prompts_tokens(url):
+    prompts = [f"Visitor {k} writes: {w}" for k, w in
+               enumerate(["Hello, I am", "Once upon a time", "The capital of France", "def main():", "日本語の文章",
+                          "1, 2, 3,", "<|endoftext|>", "Ünïcödé 🦜"])]
+    torch.manual_seed(123)  # the same model, made here, independent of the app
+    model = GPTModel(PRESETS["seed-124M"]).eval()
+    expected = [generate_greedy(model, torch.tensor([encode(p)]), N_STEPS, 1024)[0].tolist() for p in prompts]
+    del model
+    seen: list[list[list[int]]] = [[] for _ in prompts]
+    latencies: list[float] = []
+
+    def visitor(k):
+        c = client(url)
+        for _ in range(N_STEPS):
+            t = time.perf_counter()
+            *_, data = c.predict(prompts[k], 0, 0, api_name="/step")
+            latencies.append(time.perf_counter() - t)
+            seen[k].append(data["ids"])
+        c.close()
+
+    assert in_threads(N_CLIENTS, visitor) == []
+    for k, ids in enumerate(expected):
+        n = len(encode(prompts[k]))
+        assert seen[k] == [ids[: n + s] for s in range(1, N_STEPS + 1)]  # every step: its own tokens, in order
+    report(f"{N_CLIENTS} clients x {N_STEPS} steps of the 124M model at once", latencies)
+
+
+def test_a_long_step_n_lets_other_visitors_step_in_between(url):
+    """Model work takes turns step by step: a Step waits for single steps, not for whole Step ×N
+    runs, so every short visitor is done before any long run is."""
+    waits, finished = [], {}
+
+    def visitor(k):
+        c = client(url)
+        if k < 2:  # two visitors run Step ×N
+            *_, data = c.predict(f"Long run {k}", LONG_RUN, 0, 0, api_name="/step_n")
+            assert data["steps"] == LONG_RUN
+        else:  # the others press Step a few times meanwhile
+            for _ in range(3):
+                t = time.perf_counter()
+                c.predict(f"Short {k}", 0, 0, api_name="/step")
+                waits.append(time.perf_counter() - t)
+        finished[k] = time.perf_counter()
+        c.close()
+
+    assert in_threads(5, visitor) == []
+    assert max(finished[k] for k in (2, 3, 4)) < min(finished[0], finished[1])
+    report(f"single Steps while 2 visitors run Step x{LONG_RUN}", waits)
+
+
+HOSTILE = [
+    ("/load_model", ("../../etc/passwd", "float32")), ("/load_model", ("https://evil.example/x", "float32")),
+    ("/load_model", ("gpt2", "../../etc/passwd")),
+    ("/build_model", (50257, 10**9, 768, 12, 12, 0.1, False, False, "float32")),
+    ("/build_model", (50257, 1024, 768, 5, 12, 0.1, False, False, "float32")),
+    ("/detokenize", ("9" * 5000,)), ("/detokenize", ("<script>",)), ("/tokenize", ("x" * 100_000,)),
+    ("/step", ("",) + (0, 0)), ("/step", ("a " * 1100, 0, 0)), ("/step_n", ("Hi", 10**6, 0, 0)),
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_visitor(url):
+    c = client(url)
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("endpoint, args", HOSTILE, ids=[f"{e}-{k}" for k, (e, _) in enumerate(HOSTILE)])
+def test_hostile_calls_get_a_message_and_the_session_survives(hostile_visitor, endpoint, args):
+    with pytest.raises(AppError) as refused:
+        hostile_visitor.predict(*args, api_name=endpoint)
+    assert str(refused.value).strip() and "Traceback" not in str(refused.value)
+    *_, data = hostile_visitor.predict("Hello, I am", 0, 0, api_name="/step")
+    assert data["ids"][:4] == [15496, 11, 314, 716] and data["steps"] >= 1  # the session goes on
+
+
+def call(url: str, endpoint: str, *args) -> list:
+    """One call through Gradio's REST API with ASCII-escaped JSON, which can carry what
+    gradio_client cannot send: lone surrogates such as \\ud800 (a JSON escape, valid JSON)."""
+    base = url.rstrip("/") + "/gradio_api/call/" + endpoint
+    event = httpx.post(base, content=json.dumps({"data": list(args)}),
+                       headers={"content-type": "application/json"}).json()["event_id"]
+    stream = httpx.get(f"{base}/{event}", timeout=60).text
+    kind, data = re.findall(r"^event: (\w+)\ndata: (.*)$", stream, re.M)[-1]
+    assert kind == "complete", stream
+    return json.loads(data)
+
+
+def test_odd_unicode_round_trips_through_the_api(url):
+    text = "a\u0301 👩‍👩‍👧‍👦 שלום 日本 \x00\x1b \ud800 \udfff <|endoftext|> <b>"
+    chips, summary, ids, table = call(url, "tokenize", text)
+    decoded, _ = call(url, "detokenize", ids)
+    assert decoded == text.replace("\ud800", "\ufffd").replace("\udfff", "\ufffd") and "<b>" not in chips
+    data = call(url, "step", text, 0, 0)[4]  # the step data (the REST API also lists the state, as null)
+    assert data["ids"][:-1] == [int(i) for i in ids.split(", ")] and data["steps"] == 1
+
+
+def sessions(prefix: str) -> list[GenerationSession]:
+    """The generation sessions alive in this process whose prompt starts with ``prefix``."""
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o) is GenerationSession and o.prompt_text.startswith(prefix)]
+
+
+def test_closed_sessions_release_their_memory(url):
+    """30 visitors step and leave: their sessions are dropped when their tabs close (unload),
+    not an hour later. RSS is printed, not asserted: clients share this process, and the
+    allocator decides what it returns to the system."""
+    process = psutil.Process()
+    n, prefix = 30, "Memory visitor"
+    gc.collect()
+    rss0 = process.memory_info().rss
+    clients: list[Client] = []
+
+    def visitor(k):
+        clients.append(client(url))
+        for _ in range(2):
+            clients[-1].predict(f"{prefix} {k} says", 0, 0, api_name="/step")
+
+    assert in_threads(8, lambda t: [visitor(k) for k in range(t, n, 8)]) == []
+    held = sessions(prefix)
+    retained, rss1 = sum(s.retained_bytes for s in held), process.memory_info().rss
+    assert len(held) == n
+    del held
+    for c in clients:
+        c.close()
+    deadline = time.monotonic() + 60
+    while sessions(prefix) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert sessions(prefix) == []
+    rss2 = process.memory_info().rss
+    print(f"\n{n} sessions: {retained / n / 1e6:.1f} MB retained each by the engine's count; RSS {rss0 / 1e6:.0f} MB "
+          f"before, {rss1 / 1e6:.0f} MB with them, {rss2 / 1e6:.0f} MB after they closed")
