@@ -21,11 +21,13 @@ load (default 4 GB). ``GPTVIZ_DEVICE`` overrides the device.
 from __future__ import annotations
 
 import ast
+import ctypes
 import functools
 import html
 import inspect
 import os
 import re
+import sys
 import threading
 import time
 import weakref
@@ -238,6 +240,20 @@ def _admit(v: Visitor) -> None:
                 u.lock.release()
                 _LIVE.discard(u)
                 excess -= 1
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+
+
+def _drop(state: Any) -> None:
+    """A visitor's state is deleted (its tab closed, or SESSION_TTL_S passed): free its generation
+    session now and hand freed memory back to the system. glibc keeps freed heap memory for reuse,
+    so without ``malloc_trim`` the process would stay at its peak size after sessions end."""
+    if isinstance(state, Visitor) and state.lock.acquire(blocking=False):  # a busy one goes with its state
+        state.session = None
+        state.lock.release()
+    if hasattr(_LIBC, "malloc_trim"):  # glibc only
+        _LIBC.malloc_trim(0)
 
 
 def _visitor(state: Visitor | None) -> Visitor:
@@ -1177,7 +1193,7 @@ def build_demo(preload: bool = True) -> gr.Blocks:
     cfg0 = default_spec().cfg or PRESETS.get(default_spec().source) or PRESETS["gpt2"]
     blank = _blank_view("Press Step to generate the next token")
     with gr.Blocks(title="gptviz: GPT-2 from the inside") as demo:
-        state = gr.State(None, time_to_live=SESSION_TTL_S)
+        state = gr.State(None, time_to_live=SESSION_TTL_S, delete_callback=_drop)
         gr.Markdown("# gptviz · GPT-2 from the inside\nSee the tokens, step through greedy generation one token "
                     "at a time with attention and logit lens, look inside the forward pass (shapes beside the code, "
                     "head ablation, precision, KV cache) and count the parameters of any configuration.",
@@ -1384,8 +1400,8 @@ def build_demo(preload: bool = True) -> gr.Blocks:
         demo.load(model_card, state, card, api_visibility="private")  # on each page load: loaded yet? which device?
 
         def release(request: gr.Request) -> None:
-            """A tab closed: drop its state now (Gradio would keep it an hour for a reconnect; a
-            reloaded page is a new session anyway), so its generation session's memory returns."""
+            """A tab closed: delete its state now (Gradio would keep it an hour for a reconnect; a
+            reloaded page is a new session anyway), which calls :func:`_drop`."""
             demo.state_holder.delete_state(request.session_hash)
 
         demo.unload(release)

@@ -322,6 +322,18 @@ def test_live_sessions_are_capped_least_recently_used_first(tiny_cfg, monkeypatc
     assert data["steps"] == 1 and any("released to make room" in s for s in said)  # told, and starts again
 
 
+def test_a_deleted_state_frees_its_session_unless_busy(visitor):
+    ui.step(PROMPT, 0, 0, visitor)
+    session = weakref.ref(visitor.session)
+    with visitor.lock:
+        ui._drop(visitor)  # busy: Gradio drops the state itself, the running step finishes
+    assert visitor.session is not None
+    ui._drop(visitor)
+    gc.collect()
+    assert visitor.session is None and session() is None
+    ui._drop(None)  # a tab that never stepped
+
+
 def test_take_turns_holds_the_model_lock_per_step_and_releases_it_on_errors():
     seen = []
 
@@ -356,7 +368,7 @@ def test_every_model_event_takes_turns_and_closing_a_tab_releases_its_state():
     assert next(f for f in model if f.name == "step_n").types_generator
     assert any(t[1] == "unload" for f in fns for t in f.targets)
     state = next(b for b in demo.blocks.values() if isinstance(b, gr.State))
-    assert state.time_to_live == ui.SESSION_TTL_S
+    assert state.time_to_live == ui.SESSION_TTL_S and state.delete_callback is ui._drop
     assert ui.LAUNCH_KWARGS["state_session_capacity"] == ui.MAX_SESSIONS
 
 
