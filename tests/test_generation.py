@@ -11,18 +11,27 @@ from gptviz import PRESETS, GPTConfig, GPTModel, Trace
 from gptviz.generation import DEFAULT_MAX_RETAINED_BYTES, GenerationSession, generate_greedy
 from gptviz.tokenizer import ENDOFTEXT_ID
 
+from .conftest import assert_clear_top1
+
+pytestmark = pytest.mark.numeric  # .ci/run runs this file again on another CPU code path
+
 BOOK_IDS = [15496, 11, 314, 716, 27018, 24086, 47843, 30961, 42348, 7267]
 BOOK_TEXT = "Hello, I am Featureiman Byeswickattribute argue"
 
 
 def reference_generate(model, idx, max_new_tokens, context_size, top_k=10):
-    """The source's generate_text_simple, uncached; also returns each step's top-k (probs, ids)."""
+    """The source's generate_text_simple, uncached; also returns each step's top-k (probs, ids).
+
+    Checks that every greedy choice is clearly separated from the runner-up
+    (:func:`conftest.assert_clear_top1`), so tests comparing other code paths' tokens with these
+    stay exact on every CPU."""
     tops = []
     for _ in range(max_new_tokens):
         idx_cond = idx[:, -context_size:]
         with torch.no_grad():
             logits = model(idx_cond)
         logits = logits[:, -1, :]
+        assert_clear_top1(logits)
         probas = torch.softmax(logits, dim=-1)
         idx_next = torch.argmax(probas, dim=-1, keepdim=True)
         idx = torch.cat((idx, idx_next), dim=1)

@@ -21,6 +21,8 @@ from gptviz.params import (
 )
 from gptviz.plots import params_figure
 
+pytestmark = pytest.mark.numeric  # .ci/run runs this file again on another CPU code path
+
 SEED = PRESETS["seed-124M"]
 TIED = SEED.replace(tie_weights=True)
 GPT3 = GPTConfig(vocab_size=50257, context_length=2048, emb_dim=12288, n_heads=96, n_layers=96)
