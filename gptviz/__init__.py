@@ -2,7 +2,10 @@
 
 from .config import PRESETS, GPTConfig
 from .generation import GenerationSession, generate_greedy
-from .model import GPTModel, KVCache, Trace, select_device
+from .kv_cache import KVCache
+from .model import GPTModel
+from .settings import select_device
+from .trace import Trace
 from .params import count_params, param_breakdown
 from .tokenizer import encode, get_encoding
 from .weights import load_pretrained

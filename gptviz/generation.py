@@ -39,7 +39,9 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from .model import GPTModel, KVCache, Trace
+from .kv_cache import KVCache
+from .model import GPTModel
+from .trace import Trace
 from .tokenizer import ENDOFTEXT_ID, encode, token_piece
 
 __all__ = [

@@ -35,7 +35,9 @@ import torch.nn as nn
 
 from . import model as model_module
 from .config import GPTConfig
-from .model import GPTModel, KVCache, MultiHeadAttention, Trace
+from .kv_cache import KVCache
+from .model import GPTModel
+from .trace import RESIDUAL, TRACE_NAMES, Trace
 from .tokenizer import token_piece
 
 __all__ = [
@@ -115,16 +117,10 @@ def _side_by_side(
 
 # --------------------------------------------------------------------------- shape tracer
 
-#: Where each tensor the model's Trace records is made, by the text of its line.
-_TRACE_MARKERS = {
-    "keys": "keys = keys.view(",
-    "queries": "queries = queries.view(",
-    "values": "values = values.view(",
-    "attn_scores": "attn_scores = queries @ keys",
-    "attn_weights": "attn_weights = torch.softmax(",
-    "context": "context_vec = (attn_weights @ values)",
-}
 _MODEL_FILE = GPTModel.forward.__code__.co_filename
+#: The tensors the shape table shows among each attention layer's calls (the block-level
+#: residual streams are left out: they would repeat the blocks' own rows).
+_ATTENTION_NAMES = tuple(n for n in TRACE_NAMES if n not in (RESIDUAL, "resid_mid", "ff_out"))
 
 
 @functools.cache
@@ -141,16 +137,6 @@ def model_source(obj: Any = None) -> tuple[str, int]:
     return "".join(lines), first
 
 
-@functools.cache
-def _marker_line(func: Any, marker: str) -> int:
-    """File line number of the first line of ``func``'s source that contains ``marker``."""
-    lines, first = inspect.getsourcelines(func)
-    for offset, text in enumerate(lines):
-        if marker in text:
-            return first + offset
-    raise LookupError(f"{marker!r} not found in {func.__qualname__}: gptviz/model.py changed")
-
-
 def _call_site(frame: FrameType | None) -> int | None:
     """Line of ``gptviz/model.py`` from which the module being entered was called."""
     while frame is not None:
@@ -165,15 +151,16 @@ def _shapes(tensors: Iterable[Any]) -> str:
 
 
 class _ShapeTrace(Trace):
-    """A :class:`Trace` that keeps only the shapes, so a long input costs no extra memory."""
+    """A :class:`Trace` that keeps only the shapes (and lines), so a long input costs no extra memory."""
 
     def __init__(self, names: Iterable[str]) -> None:
         super().__init__(names)
         self.shapes: dict[tuple[int, str], tuple[int, ...]] = {}
 
-    def record(self, layer: int, name: str, tensor: torch.Tensor) -> None:
+    def record(self, layer: int, name: str, tensor: torch.Tensor, line: int = 0) -> None:
         if self.wants(name):
             self.shapes[(layer, name)] = tuple(tensor.shape)
+            self.lines[(layer, name)] = line
 
 
 def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False) -> pd.DataFrame:
@@ -196,7 +183,7 @@ def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False) -> pd.D
     rows: list[dict[str, Any]] = []
     open_rows: list[dict[str, Any]] = []  # rows of the calls under way, innermost last
     names = {module: name for name, module in model.named_modules()}
-    root_line = _marker_line(type(model).forward, "def forward")
+    root_line = inspect.getsourcelines(type(model).forward)[1]  # the `def forward` line
 
     def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if threading.get_ident() != owner:
@@ -223,7 +210,7 @@ def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False) -> pd.D
         for module in names:
             handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
             handles.append(module.register_forward_hook(after, with_kwargs=True))
-        trace = _ShapeTrace(names=_TRACE_MARKERS)
+        trace = _ShapeTrace(names=_ATTENTION_NAMES)
         with torch.no_grad():
             model(batch, trace=trace)
     finally:
@@ -244,9 +231,9 @@ def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False) -> pd.D
                 "kind": "traced tensor",
                 "input": "",
                 "output": str(trace.shapes[(i, name)]),
-                "line": _marker_line(MultiHeadAttention.forward, marker),
+                "line": trace.lines[(i, name)],  # where the model recorded it, right after making it
             }
-            for name, marker in _TRACE_MARKERS.items()
+            for name in _ATTENTION_NAMES
         ]
         rows[start:end] = sorted(rows[start:end] + traced, key=lambda r: r["line"])
 

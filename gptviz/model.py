@@ -1,209 +1,32 @@
-"""The GPT model of the source material, module for module, plus three additions
-that never change its numbers:
+"""The GPT model of the source material (chapter 4), module for module.
 
-* a KV cache (:class:`KVCache`) so a generation step processes only the new token(s);
-* a :class:`Trace` that records intermediate tensors (attention weights, the residual
-  stream after each block, ...) while the forward pass runs;
-* an optional ``head_mask`` that switches off attention heads (ablation).
+``GELU``, ``FeedForward``, ``MultiHeadAttention``, ``LayerNorm``, ``TransformerBlock`` and
+``GPTModel`` keep the book's names, arguments and arithmetic. Three additions never change
+its numbers; each is marked ``# NEW`` where it enters the forward pass:
 
-Without a cache, trace or head mask, ``GPTModel(cfg)(in_idx)`` is the source's forward.
+* ``cache``: a :class:`~gptviz.kv_cache.KVCache`, so a generation step runs only the new token(s);
+* ``trace``: a :class:`~gptviz.trace.Trace` that records intermediate tensors as they are made;
+* ``head_mask``: switches attention heads off (ablation).
+
+Without them, ``GPTModel(cfg)(in_idx)`` is the source's forward.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
 from .config import GPTConfig
+from .kv_cache import KVCache, LayerKVCache
+from .trace import ATTN_SCORES, ATTN_WEIGHTS, CONTEXT, FF_OUT, KEYS, QUERIES, RESID_MID, RESIDUAL, VALUES, LayerTrace, Trace
 
-__all__ = [
-    "GELU",
-    "FeedForward",
-    "MultiHeadAttention",
-    "LayerNorm",
-    "TransformerBlock",
-    "GPTModel",
-    "KVCache",
-    "LayerKVCache",
-    "Trace",
-    "LayerTrace",
-    "select_device",
-]
+__all__ = ["GELU", "FeedForward", "MultiHeadAttention", "LayerNorm", "TransformerBlock", "GPTModel"]
 
 
-# --------------------------------------------------------------------------- observation
-
-
-class Trace:
-    """Records named intermediate tensors of one forward pass (observation only).
-
-    ``names`` chooses what to keep (``None`` keeps everything recorded). Names recorded by
-    the model, per layer:
-
-    * ``"queries"``, ``"keys"``, ``"values"``: ``(b, n_heads, T, head_dim)`` (keys and values
-      include cached positions);
-    * ``"attn_scores"``: ``(b, n_heads, T_q, T_k)`` masked scores before softmax;
-    * ``"attn_weights"``: ``(b, n_heads, T_q, T_k)`` rows sum to 1, zero above the diagonal;
-    * ``"context"``: ``(b, T, n_heads, head_dim)`` per-head outputs before ``out_proj``;
-    * ``"residual"``: ``(b, T, emb_dim)`` the residual stream after the block.
-
-    ``layers`` restricts recording to some blocks; ``last_rows`` keeps only the last rows
-    along the query/position axis (dim -2), e.g. ``last_rows=1`` keeps what a
-    next-token prediction needs. Recorded tensors are detached; nothing recorded feeds
-    back into the computation.
-    """
-
-    def __init__(
-        self,
-        names: Iterable[str] | None = ("attn_weights", "residual"),
-        layers: Iterable[int] | None = None,
-        last_rows: int | None = None,
-    ) -> None:
-        self.names = None if names is None else frozenset(names)
-        self.layers = None if layers is None else frozenset(layers)
-        self.last_rows = last_rows
-        self.tensors: dict[tuple[int, str], torch.Tensor] = {}
-
-    def layer(self, idx: int) -> "LayerTrace | None":
-        if self.layers is not None and idx not in self.layers:
-            return None
-        return LayerTrace(self, idx)
-
-    def wants(self, name: str) -> bool:
-        return self.names is None or name in self.names
-
-    def record(self, layer: int, name: str, tensor: torch.Tensor) -> None:
-        if not self.wants(name):
-            return
-        t = tensor.detach()
-        if self.last_rows is not None:  # a copy, so the full tensor can be freed
-            rows = slice(-self.last_rows, None)
-            t = (t[:, rows] if name == "context" else t[..., rows, :]).clone()
-        elif name in ("keys", "values"):  # views into the KV cache, which later steps overwrite
-            t = t.clone()
-        self.tensors[(layer, name)] = t
-
-    def get(self, name: str) -> list[torch.Tensor]:
-        """Every recorded tensor of that name, in layer order."""
-        return [t for (layer, n), t in sorted(self.tensors.items(), key=lambda kv: kv[0][0]) if n == name]
-
-    @property
-    def attentions(self) -> list[torch.Tensor]:
-        """Attention weights per layer: ``(b, n_heads, T_q, T_k)`` each."""
-        return self.get("attn_weights")
-
-    @property
-    def residuals(self) -> list[torch.Tensor]:
-        """The residual stream after each block: ``(b, T, emb_dim)`` each."""
-        return self.get("residual")
-
-
-class LayerTrace:
-    """A :class:`Trace` bound to one block, handed down to the block's modules."""
-
-    def __init__(self, trace: Trace, idx: int) -> None:
-        self.trace, self.idx = trace, idx
-
-    def wants(self, name: str) -> bool:
-        return self.trace.wants(name)
-
-    def record(self, name: str, tensor: torch.Tensor) -> None:
-        self.trace.record(self.idx, name, tensor)
-
-
-# --------------------------------------------------------------------------- KV cache
-
-
-class LayerKVCache:
-    """Keys and values of one attention layer for the positions processed so far.
-
-    Storage grows in chunks of ``chunk`` positions (never beyond ``capacity_limit``),
-    so a short session does not pay for the full context.
-    """
-
-    def __init__(self, capacity_limit: int, chunk: int = 128) -> None:
-        self.capacity_limit = capacity_limit
-        self.chunk = chunk
-        self.k: torch.Tensor | None = None  # (b, n_heads, capacity, head_dim)
-        self.v: torch.Tensor | None = None  # (b, n_heads, capacity, head_dim)
-        self.length = 0
-
-    def update(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``(b, n_heads, T_new, head_dim)`` keys/values; return all of them so far."""
-        n_new = k_new.shape[2]
-        end = self.length + n_new
-        if self.k is None or end > self.k.shape[2]:
-            self._grow(k_new, end)
-        self.k[:, :, self.length : end] = k_new
-        self.v[:, :, self.length : end] = v_new
-        self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def _grow(self, like: torch.Tensor, needed: int) -> None:
-        capacity = min(self.capacity_limit, -(-needed // self.chunk) * self.chunk)
-        capacity = max(capacity, needed)
-        b, h, _, d = like.shape
-        k = like.new_empty((b, h, capacity, d))
-        v = like.new_empty((b, h, capacity, d))
-        if self.k is not None and self.length:
-            k[:, :, : self.length] = self.k[:, :, : self.length]
-            v[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v = k, v
-
-    def truncate(self, length: int) -> None:
-        """Forget positions from ``length`` on (used by undo)."""
-        self.length = min(self.length, length)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated (capacity, not just the filled part)."""
-        if self.k is None:
-            return 0
-        return self.k.numel() * self.k.element_size() * 2
-
-
-class KVCache:
-    """Per-layer keys and values, so each generation step runs only the new tokens.
-
-    ``KVCache.for_model(model)`` makes an empty one; pass it to ``model(ids, cache)``
-    repeatedly with the *new* ids only. Logits equal those of the full recompute.
-    """
-
-    def __init__(self, n_layers: int, context_length: int, chunk: int = 128) -> None:
-        self.layers = [LayerKVCache(context_length, chunk) for _ in range(n_layers)]
-        self.context_length = context_length
-
-    @classmethod
-    def for_model(cls, model: "GPTModel", chunk: int = 128) -> "KVCache":
-        return cls(model.cfg.n_layers, model.cfg.context_length, chunk)
-
-    @property
-    def length(self) -> int:
-        """Number of positions cached."""
-        return self.layers[0].length if self.layers else 0
-
-    def truncate(self, length: int) -> None:
-        for layer in self.layers:
-            layer.truncate(length)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
-
-    @property
-    def used_bytes(self) -> int:
-        """Bytes of the filled positions (what a perfectly sized cache would hold)."""
-        first = self.layers[0] if self.layers else None
-        if first is None or first.k is None:
-            return 0
-        b, h, _, d = first.k.shape
-        return 2 * len(self.layers) * b * h * self.length * d * first.k.element_size()
-
-
-# --------------------------------------------------------------------------- the model
+def _ignore(name: str, tensor: torch.Tensor) -> None:
+    """Stands in for ``trace.record`` when nothing is traced."""
 
 
 class GELU(nn.Module):
@@ -254,6 +77,7 @@ class MultiHeadAttention(nn.Module):
         head_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, num_tokens, d_in = x.shape  # (b, T, d_in)
+        record = trace.record if trace is not None else _ignore  # NEW (trace)
 
         keys = self.W_key(x)  # (b, T, d_out)
         queries = self.W_query(x)  # (b, T, d_out)
@@ -264,29 +88,27 @@ class MultiHeadAttention(nn.Module):
         queries = queries.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
         values = values.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
-        if cache is not None:  # prepend the cached positions
+        if cache is not None:  # NEW (KV cache): prepend the cached positions
             keys, values = cache.update(keys, values)  # (b, n_heads, T_k, head_dim)
+        record(QUERIES, queries)  # NEW (trace)
+        record(KEYS, keys)  # NEW (trace)
+        record(VALUES, values)  # NEW (trace)
         num_keys = keys.shape[2]
-        offset = num_keys - num_tokens  # absolute position of the first query
+        offset = num_keys - num_tokens  # NEW (KV cache): absolute position of the first query
 
         attn_scores = queries @ keys.transpose(2, 3)  # (b, n_heads, T, T_k)
         mask_bool = self.mask[offset : offset + num_tokens, :num_keys]  # (T, T_k)
         attn_scores.masked_fill_(mask_bool, -torch.inf)
+        record(ATTN_SCORES, attn_scores)  # NEW (trace)
 
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)  # (b, n_heads, T, T_k)
         attn_weights = self.dropout(attn_weights)
+        record(ATTN_WEIGHTS, attn_weights)  # NEW (trace)
 
         context_vec = (attn_weights @ values).transpose(1, 2)  # (b, T, n_heads, head_dim)
-        if head_mask is not None:  # ablation: 0 switches a head off
+        if head_mask is not None:  # NEW (ablation): 0 switches a head off
             context_vec = context_vec * head_mask.to(context_vec.dtype).view(1, 1, self.num_heads, 1)
-
-        if trace is not None:
-            trace.record("queries", queries)
-            trace.record("keys", keys)
-            trace.record("values", values)
-            trace.record("attn_scores", attn_scores)
-            trace.record("attn_weights", attn_weights)
-            trace.record("context", context_vec)
+        record(CONTEXT, context_vec)  # NEW (trace)
 
         context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)  # (b, T, d_out)
         context_vec = self.out_proj(context_vec)  # (b, T, d_out)
@@ -330,21 +152,23 @@ class TransformerBlock(nn.Module):
         trace: LayerTrace | None = None,
         head_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        record = trace.record if trace is not None else _ignore  # NEW (trace)
         # Shortcut connection around the attention sub-block
         shortcut = x
         x = self.norm1(x)
-        x = self.att(x, cache, trace, head_mask)  # (b, T, emb)
+        x = self.att(x, cache, trace, head_mask)  # (b, T, emb); NEW: cache, trace, head_mask
         x = self.drop_shortcut(x)
         x = x + shortcut
+        record(RESID_MID, x)  # NEW (trace): the residual stream between the two sub-blocks
 
         # Shortcut connection around the feed-forward sub-block
         shortcut = x
         x = self.norm2(x)
         x = self.ff(x)
+        record(FF_OUT, x)  # NEW (trace): what the feed-forward adds to the residual stream
         x = self.drop_shortcut(x)
         x = x + shortcut
-        if trace is not None:
-            trace.record("residual", x)
+        record(RESIDUAL, x)  # NEW (trace)
         return x
 
 
@@ -383,7 +207,7 @@ class GPTModel(nn.Module):
         the last position only, ``(b, 1, vocab_size)`` (what generation needs).
         """
         batch_size, seq_len = in_idx.shape
-        start = cache.length if cache is not None else 0
+        start = cache.length if cache is not None else 0  # NEW (KV cache): positions already cached
         if start + seq_len > self.cfg.context_length:
             raise ValueError(
                 f"input of {start + seq_len} tokens is longer than context_length="
@@ -405,7 +229,7 @@ class GPTModel(nn.Module):
                 None if trace is None else trace.layer(i),
                 None if head_mask is None else head_mask[i],
             )
-        if last_only:
+        if last_only:  # NEW (speed): generation needs the last position's logits only
             x = x[:, -1:, :]  # (b, 1, emb)
         x = self.final_norm(x)
         logits = self.out_head(x)  # (b, T, vocab)
@@ -422,16 +246,3 @@ class GPTModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.tok_emb.weight.dtype
-
-
-def select_device() -> torch.device:
-    """cuda if available, else mps, else cpu; ``GPTVIZ_DEVICE`` (e.g. ``cpu``) overrides."""
-    override = os.environ.get("GPTVIZ_DEVICE", "").strip()
-    if override:
-        return torch.device(override)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")

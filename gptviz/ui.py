@@ -46,7 +46,8 @@ from .config import PRESETS, GPTConfig
 from .generation import GenerationSession
 from .inside import (ablate, cache_savings, compare_precision, forward_flops, kv_cache_table, low_precision_copy,
                      model_source, trace_shapes)
-from .model import GPTModel, MultiHeadAttention, select_device
+from .model import GPTModel, MultiHeadAttention
+from .settings import select_device
 from .params import (config_from_fields, count_params, format_breakdown, memory_and_compute, nearest_preset,
                      param_breakdown)
 from .tokenizer import ENDOFTEXT_ID, TokenPiece, encode, get_encoding, show_whitespace, token_piece

@@ -40,7 +40,8 @@ from huggingface_hub.utils import silent_tqdm
 from safetensors import SafetensorError, safe_open
 
 from .config import PRESETS, GPTConfig
-from .model import GPTModel, MultiHeadAttention, select_device
+from .model import GPTModel, MultiHeadAttention
+from .settings import select_device
 from .params import count_params
 
 __all__ = [

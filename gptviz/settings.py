@@ -1,0 +1,108 @@
+"""Every ``GPTVIZ_*`` variable and every limit, read once into a frozen :class:`Settings`.
+
+Nothing else in gptviz reads the environment for its behaviour: the app builds one
+``Settings.from_env()`` at start and passes it down; tests build their own ``Settings(...)``.
+
+| variable | default | meaning |
+|---|---|---|
+| ``GPTVIZ_WEIGHTS`` | ``random`` | the model every visitor starts with: ``random`` (the source's seed-124M configuration, seed 123), a released name (``gpt2`` …), or, for operators, a Hub repo id or local checkpoint |
+| ``GPTVIZ_DTYPE`` | ``float32`` | dtype of that model: ``float32``, ``bfloat16`` or ``float16`` |
+| ``GPTVIZ_DEVICE`` | best available | ``cpu``, ``cuda``, ``mps`` … |
+| ``GPTVIZ_MAX_MODEL_BYTES`` | 4 GB | weights a visitor may build or load |
+| ``GPTVIZ_ALLOW_UPLOAD`` | on locally, off on a Space | visitors may upload their own checkpoint |
+| ``GPTVIZ_MAX_UPLOAD_BYTES`` | 1 GB | size limit of one upload |
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+__all__ = ["Settings", "select_device", "DTYPES", "RANDOM", "SEED"]
+
+RANDOM = "random"  # GPTVIZ_WEIGHTS: random weights, seeded as in the source
+SEED = 123  # torch.manual_seed(123) before GPTModel(cfg), as in the source
+#: The dtypes a model may run in, by the name the UI and the API use.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def select_device(override: str | None = None) -> torch.device:
+    """``override`` if given (e.g. ``"cpu"``), else ``GPTVIZ_DEVICE`` if set, else cuda if
+    available, else mps, else cpu. (The library's default for ``load_pretrained`` & co; the app
+    passes its :class:`Settings` instead.)"""
+    override = override or os.environ.get("GPTVIZ_DEVICE", "").strip()
+    if override:
+        return torch.device(override)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _flag(raw: str | None) -> bool | None:
+    if raw is None or not raw.strip():
+        return None
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _bytes(raw: str | None, default: int) -> int:
+    return int(float(raw)) if raw and raw.strip() else default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the operator chose and the limits that protect every visitor."""
+
+    weights: str = RANDOM
+    dtype: str = "float32"
+    device: str = ""  # "" = best available (select_device)
+    max_model_bytes: int = 4_000_000_000
+    allow_upload: bool = True
+    max_upload_bytes: int = 1_000_000_000
+    on_space: bool = False  # running on a Hugging Face Space (SPACE_ID is set)
+    # --- limits of one visitor's work
+    max_text_chars: int = 20_000  # tokenizer text, prompts and id lists
+    max_prompt_tokens: int = 1_024
+    max_chips: int = 2_048  # tokens drawn as chips and table rows
+    max_steps_per_click: int = 64  # Step ×N
+    max_session_tokens: int = 2_048  # prompt + generated tokens in one session
+    attn_window: int = 64  # heatmaps show the attention among the last this many tokens
+    lens_steps: int = 24  # logit lens: the last this many steps
+    top_k: int = 10
+    session_ttl_s: int = 3_600  # a visitor's state is dropped an hour after its last update
+    max_live_sessions: int = 48  # generation sessions kept at once (each within 64 MB)
+    max_sessions: int = 1_000  # Gradio's per-session records, least recently used dropped
+    model_concurrency: int = 16  # model events admitted at once (they take turns on the model)
+    model_store_capacity: int = 3  # shared models kept built
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"GPTVIZ_DTYPE must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        on_space = bool(env.get("SPACE_ID"))
+        upload = _flag(env.get("GPTVIZ_ALLOW_UPLOAD"))
+        return cls(
+            weights=env.get("GPTVIZ_WEIGHTS", "").strip() or RANDOM,
+            dtype=env.get("GPTVIZ_DTYPE", "").strip() or "float32",
+            device=env.get("GPTVIZ_DEVICE", "").strip(),
+            max_model_bytes=_bytes(env.get("GPTVIZ_MAX_MODEL_BYTES"), cls.max_model_bytes),
+            allow_upload=(not on_space) if upload is None else upload,
+            max_upload_bytes=_bytes(env.get("GPTVIZ_MAX_UPLOAD_BYTES"), cls.max_upload_bytes),
+            on_space=on_space,
+        )
+
+    @property
+    def torch_device(self) -> torch.device:
+        return select_device(self.device or None)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
