@@ -1,0 +1,613 @@
+"""Lesson files: a small JSON that replays a generation walk-through.
+
+A teacher steps through generation, exports a lesson, and a learner (or the teacher, next
+term) loads it to get the same session back: the same prompt, the same generated ids, the
+same sampling settings and the view that was selected.
+
+    lesson = lesson_from_session(session, model_source=random_source(cfg), dtype="float32",
+                                 views={"tab": "generate", "layer": 1, "head": 0, "step": 6})
+    save_lesson(lesson, Path("lesson.json"))
+    lesson = load_lesson(Path("lesson.json"))          # validated; a lesson is untrusted input
+    result = replay(lesson, model_for_lesson(lesson))  # steps one at a time, comparing ids
+    result.ok, result.matched_steps, result.diverged_at, result.expected, result.got
+
+The format (``version`` 1)::
+
+    {"format": "gptviz-lesson", "version": 1,
+     "title": "optional text",
+     "model": {"kind": "random", "seed": 123, "config": {...the source's config dict...}}
+              | {"kind": "hub", "name": "gpt2", "config": {...}}
+              | {"kind": "custom", "label": "text shown to people", "config": {...}},
+     "dtype": "float32" | "bfloat16" | "float16",
+     "prompt_text": "Hello, I am",     # for people reading the file; replay uses prompt_ids
+     "prompt_ids": [15496, 11, 314, 716],
+     "generated_ids": [...],
+     "sampling": {"temperature": 0.0, "sample_top_k": null, "seed": 123, "stop_at_eos": false, ...},
+     "views": {"tab": "generate", "layer": 5, "head": 1, "step": 6},
+     "gptviz_version": "0.1.0"}
+
+Security: :func:`load_lesson` treats its input as a visitor's upload. It reads a file only
+when given a :class:`os.PathLike` (a ``str`` is always JSON text, never a path), caps the
+size (:data:`MAX_LESSON_BYTES`, :data:`MAX_LESSON_TOKENS` tokens, short strings), refuses
+unknown versions, unknown keys, NaN/Infinity, duplicate keys and wrong types, and raises
+:class:`LessonError` (a ``ValueError``) for every one of them. No field is ever used as a
+path, a module or code: the model source is data. :func:`model_for_lesson` builds only the
+``random`` kind (a seeded :class:`GPTModel` of the lesson's configuration, within
+``max_model_bytes``); for ``hub`` names the application decides whether the name is on its
+allow-list (:func:`gptviz.weights.is_allowed_name`) and which model to pass to
+:func:`replay`; ``custom`` models are never located from a lesson.
+
+Sampling settings: :func:`lesson_from_session` records ``temperature``, ``sample_top_k``,
+``seed``, ``stop_at_eos`` and ``top_p`` (when the session has it), plus any other plain
+setting of :class:`GenerationSession`'s signature that is not a display or memory option
+(:data:`SESSION_OPTIONS`). :func:`replay` passes each stored setting that the installed
+:class:`GenerationSession` accepts; a setting it does not accept is refused unless it is
+null (the neutral default).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import tiktoken
+import torch
+
+from .config import GPTConfig
+from .generation import GenerationSession, StepRecord
+from .model import GPTModel
+from .settings import DTYPES
+from .tokenizer import N_VOCAB, get_encoding, token_piece
+from .weights import PRETRAINED_NAMES, estimated_bytes
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "MAX_LESSON_BYTES",
+    "MAX_LESSON_TOKENS",
+    "LessonError",
+    "TokenRef",
+    "ReplayResult",
+    "random_source",
+    "hub_source",
+    "custom_source",
+    "lesson_from_session",
+    "save_lesson",
+    "load_lesson",
+    "lesson_to_json",
+    "model_for_lesson",
+    "replay",
+]
+
+FORMAT = "gptviz-lesson"
+FORMAT_VERSION = 1
+#: Largest lesson file read (bytes of JSON).
+MAX_LESSON_BYTES = 512 * 1024
+#: Prompt + generated tokens in one lesson (the app's ``Settings.max_session_tokens``).
+MAX_LESSON_TOKENS = 2_048
+#: Longest prompt_text (the app's ``Settings.max_text_chars``).
+MAX_TEXT_CHARS = 20_000
+#: Longest title, label, view value or other short string.
+MAX_SHORT_CHARS = 200
+#: Entries allowed in ``views`` and in ``sampling``.
+MAX_ENTRIES = 32
+#: Default limit on the weights :func:`model_for_lesson` builds (``Settings.max_model_bytes``).
+DEFAULT_MAX_MODEL_BYTES = 4_000_000_000
+#: Parameters of :class:`GenerationSession` that are display or memory options of the
+#: replaying app, never taken from a lesson (plus every name starting with ``max_``).
+SESSION_OPTIONS = frozenset({"self", "model", "enc", "prompt", "top_k", "attn_window", "logit_lens",
+                             "max_retained_bytes"})
+#: Sampling settings checked field by field (others must be plain JSON scalars).
+KNOWN_SAMPLING = ("temperature", "sample_top_k", "top_p", "seed", "stop_at_eos")
+MODEL_KINDS = ("random", "hub", "custom")
+_TOP_KEYS = {"format", "version", "title", "model", "dtype", "prompt_text", "prompt_ids", "generated_ids",
+             "sampling", "views", "gptviz_version"}
+_REQUIRED = ("format", "version", "model", "dtype", "prompt_ids", "generated_ids", "sampling")
+_MAX_SEED = 2**63 - 1
+_MAX_TEMPERATURE = 1e6
+
+
+class LessonError(ValueError):
+    """A lesson that cannot be used: malformed, too large, an unknown version, or one that
+    this model or this gptviz cannot replay. The message says which field and why."""
+
+
+# --------------------------------------------------------------------------- model sources
+
+
+def random_source(cfg: GPTConfig | Mapping[str, Any], seed: int = 123) -> dict[str, Any]:
+    """Model source of random weights: ``torch.manual_seed(seed)`` before ``GPTModel(cfg)``."""
+    return {"kind": "random", "seed": seed, "config": GPTConfig.coerce(cfg).to_dict()}
+
+
+def hub_source(name: str, cfg: GPTConfig | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Model source of a released GPT-2 (``gpt2`` … ``gpt2-xl``)."""
+    source: dict[str, Any] = {"kind": "hub", "name": name}
+    if cfg is not None:
+        source["config"] = GPTConfig.coerce(cfg).to_dict()
+    return source
+
+
+def custom_source(label: str, cfg: GPTConfig | Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Model source of weights a lesson cannot locate (an operator's checkpoint): ``label``
+    is text for people only, never a path."""
+    source: dict[str, Any] = {"kind": "custom", "label": label}
+    if cfg is not None:
+        source["config"] = GPTConfig.coerce(cfg).to_dict()
+    return source
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _fail(where: str, why: str) -> LessonError:
+    return LessonError(f"lesson {where}: {why}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _short_str(v: Any, where: str, limit: int = MAX_SHORT_CHARS) -> str:
+    if not isinstance(v, str):
+        raise _fail(where, f"must be a string, got {type(v).__name__}")
+    if len(v) > limit:
+        raise _fail(where, f"is {len(v)} characters long, at most {limit} allowed")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _fail(where, "holds a lone surrogate (not Unicode text)") from None
+    return v
+
+
+def _int_in(v: Any, where: str, lo: int, hi: int) -> int:
+    if not _is_int(v):
+        raise _fail(where, f"must be an integer, got {type(v).__name__}")
+    if not lo <= v <= hi:
+        raise _fail(where, f"must be between {lo} and {hi}, got {v}")
+    return v
+
+
+def _check_config(raw: Any, dtype: str, max_model_bytes: int | None) -> GPTConfig:
+    if not isinstance(raw, dict):
+        raise _fail("model.config", f"must be an object (the source's configuration dict), got {type(raw).__name__}")
+    try:
+        cfg = GPTConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:
+        raise _fail("model.config", str(e)) from None
+    if cfg.vocab_size > 10 * N_VOCAB or cfg.context_length > 1 << 16:  # keeps the estimate below small
+        raise _fail("model.config", "vocab_size or context_length far beyond GPT-2's")
+    if max_model_bytes is not None:
+        size = estimated_bytes(cfg, DTYPES[dtype])
+        if size > max_model_bytes:
+            raise _fail("model.config", f"describes a model of ~{size / 1e9:.2f} GB in {dtype}, "
+                                        f"over the {max_model_bytes / 1e9:.2f} GB allowed")
+    return cfg
+
+
+def _check_model(raw: Any, dtype: str, max_model_bytes: int | None) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise _fail("model", f"must be an object, got {type(raw).__name__}")
+    kind = raw.get("kind")
+    if kind not in MODEL_KINDS:
+        raise _fail("model.kind", f"must be one of {', '.join(MODEL_KINDS)}, got {kind!r:.60}")
+    allowed = {"random": {"kind", "seed", "config"}, "hub": {"kind", "name", "config"},
+               "custom": {"kind", "label", "config"}}[kind]
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise _fail("model", f"unknown key(s) for kind {kind!r}: {', '.join(map(str, unknown))[:200]}")
+    if "config" not in raw:
+        raise _fail("model.config", "is missing")
+    out: dict[str, Any] = {"kind": kind}
+    if kind == "random":
+        if "seed" not in raw:
+            raise _fail("model.seed", "is missing")
+        out["seed"] = _int_in(raw["seed"], "model.seed", 0, _MAX_SEED)
+    elif kind == "hub":
+        name = raw.get("name")
+        if name not in PRETRAINED_NAMES:
+            raise _fail("model.name", f"must be one of {', '.join(PRETRAINED_NAMES)}, got {name!r:.60}")
+        out["name"] = name
+    else:
+        out["label"] = _short_str(raw.get("label", ""), "model.label")
+    out["config"] = _check_config(raw["config"], dtype, max_model_bytes).to_dict()
+    return out
+
+
+def _check_ids(raw: Any, where: str, vocab: int, *, min_len: int, max_len: int) -> list[int]:
+    if not isinstance(raw, list):
+        raise _fail(where, f"must be a list of token ids, got {type(raw).__name__}")
+    if not min_len <= len(raw) <= max_len:
+        raise _fail(where, f"has {len(raw)} ids, {min_len} … {max_len} allowed (at most {MAX_LESSON_TOKENS} "
+                           "tokens in a lesson)")
+    for k, v in enumerate(raw):
+        if not _is_int(v):
+            raise _fail(f"{where}[{k}]", f"must be an integer token id, got {type(v).__name__}")
+        if not 0 <= v < vocab:
+            raise _fail(f"{where}[{k}]", f"token id {v} is outside the vocabulary (0 … {vocab - 1})")
+    return list(raw)
+
+
+def _check_sampling(raw: Any, vocab: int) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise _fail("sampling", f"must be an object, got {type(raw).__name__}")
+    if len(raw) > MAX_ENTRIES:
+        raise _fail("sampling", f"has {len(raw)} entries, at most {MAX_ENTRIES}")
+    out: dict[str, Any] = {}
+    for key, v in raw.items():
+        where = f"sampling.{key}"
+        _short_str(key, "sampling key", 64)
+        if key == "temperature":
+            if not _is_number(v) or not 0 <= v <= _MAX_TEMPERATURE:
+                raise _fail(where, f"must be a finite number >= 0 (0 = greedy), got {v!r:.60}")
+            v = float(v)
+        elif key == "sample_top_k":
+            if v is not None:
+                _int_in(v, where, 1, vocab)
+        elif key == "top_p":
+            if v is not None and (not _is_number(v) or not 0 < v <= 1):
+                raise _fail(where, f"must be null or a number with 0 < top_p <= 1, got {v!r:.60}")
+            v = None if v is None else float(v)
+        elif key == "seed":
+            _int_in(v, where, -_MAX_SEED, _MAX_SEED)
+        elif key == "stop_at_eos":
+            if not isinstance(v, bool):
+                raise _fail(where, f"must be true or false, got {type(v).__name__}")
+        elif key in SESSION_OPTIONS or key.startswith("max_") or key.startswith("_"):
+            raise _fail(where, "is a display or memory option of the app, not a sampling setting")
+        elif v is not None and not isinstance(v, (bool, str)) and not _is_number(v):
+            raise _fail(where, f"must be a number, a boolean, a short string or null, got {type(v).__name__}")
+        elif isinstance(v, str):
+            _short_str(v, where)
+        out[key] = v
+    if "seed" not in out:
+        raise _fail("sampling.seed", "is missing")
+    return out
+
+
+def _check_views(raw: Any, cfg: GPTConfig, n_generated: int) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise _fail("views", f"must be an object, got {type(raw).__name__}")
+    if len(raw) > MAX_ENTRIES:
+        raise _fail("views", f"has {len(raw)} entries, at most {MAX_ENTRIES}")
+    limits = {"layer": cfg.n_layers - 1, "head": cfg.n_heads - 1, "step": n_generated}
+    out: dict[str, Any] = {}
+    for key, v in raw.items():
+        where = f"views.{key}"
+        _short_str(key, "views key", 64)
+        if key in limits:
+            _int_in(v, where, 0, limits[key])
+        elif key == "tab":
+            _short_str(v, where, 64)
+        elif isinstance(v, str):
+            _short_str(v, where)
+        elif v is not None and not isinstance(v, bool) and not _is_number(v):
+            raise _fail(where, f"must be a number, a boolean, a short string or null, got {type(v).__name__}")
+        out[key] = v
+    return out
+
+
+def validate_lesson(raw: Any, *, max_model_bytes: int | None = DEFAULT_MAX_MODEL_BYTES) -> dict[str, Any]:
+    """A checked, normalised copy of a lesson dict; :class:`LessonError` says what is wrong."""
+    if not isinstance(raw, dict):
+        raise _fail("file", f"must hold a JSON object, got {type(raw).__name__}")
+    if raw.get("format") != FORMAT:
+        raise _fail("format", f"must be {FORMAT!r}: this is not a gptviz lesson")
+    version = raw.get("version")
+    if version != FORMAT_VERSION or not _is_int(version):
+        raise _fail("version", f"{version!r:.40} is not a version this gptviz reads (it reads version "
+                               f"{FORMAT_VERSION}); a newer gptviz may read it")
+    unknown = sorted(map(str, set(raw) - _TOP_KEYS))
+    if unknown:
+        raise _fail("", f"unknown key(s) {', '.join(unknown)[:200]}")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise _fail("", f"missing key(s) {', '.join(missing)}")
+    dtype = raw["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _fail("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r:.40}")
+    model = _check_model(raw["model"], dtype, max_model_bytes)
+    cfg = GPTConfig.from_dict(model["config"])
+    vocab = cfg.vocab_size
+    prompt_ids = _check_ids(raw["prompt_ids"], "prompt_ids", vocab, min_len=1, max_len=MAX_LESSON_TOKENS)
+    generated = _check_ids(raw["generated_ids"], "generated_ids", vocab, min_len=0,
+                           max_len=MAX_LESSON_TOKENS - len(prompt_ids))
+    out: dict[str, Any] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "title": _short_str(raw.get("title", ""), "title"),
+        "model": model,
+        "dtype": dtype,
+        "prompt_text": _short_str(raw.get("prompt_text", ""), "prompt_text", MAX_TEXT_CHARS),
+        "prompt_ids": prompt_ids,
+        "generated_ids": generated,
+        "sampling": _check_sampling(raw["sampling"], vocab),
+        "views": _check_views(raw.get("views", {}), cfg, len(generated)),
+    }
+    if "gptviz_version" in raw:
+        out["gptviz_version"] = _short_str(raw["gptviz_version"], "gptviz_version", 40)
+    return out
+
+
+# --------------------------------------------------------------------------- export, files
+
+
+def _session_parameters() -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(GenerationSession.__init__).parameters)
+
+
+def _is_option(name: str) -> bool:
+    return name in SESSION_OPTIONS or name.startswith("max_") or name.startswith("_")
+
+
+def _sampling_of(session: GenerationSession) -> dict[str, Any]:
+    """Every sampling setting the session has (the known ones, and any other plain setting
+    of the constructor that is not a display or memory option)."""
+    out: dict[str, Any] = {}
+    names = list(KNOWN_SAMPLING) + [n for n in _session_parameters() if n not in KNOWN_SAMPLING]
+    for name in names:
+        if _is_option(name) or not hasattr(session, name):
+            continue
+        v = getattr(session, name)
+        if v is None or isinstance(v, (bool, str)) or _is_number(v):
+            out[name] = float(v) if name in ("temperature", "top_p") and v is not None else v
+    return out
+
+
+def lesson_from_session(session: GenerationSession, *, model_source: Mapping[str, Any], dtype: str,
+                        views: Mapping[str, Any] | None = None, title: str = "",
+                        max_model_bytes: int | None = None) -> dict[str, Any]:
+    """The lesson of a session: its prompt, generated ids and sampling settings.
+
+    ``model_source``: :func:`random_source`, :func:`hub_source` or :func:`custom_source`
+    (the session's configuration is filled in when the source has none, and must match it
+    when it has). ``dtype``: the model's dtype name (``"float32"`` …). ``views``: what is
+    selected, e.g. ``{"tab": "generate", "layer": 5, "head": 1, "step": 6}``. The result is
+    validated like an upload (:class:`LessonError` if the session does not fit a lesson,
+    e.g. more than :data:`MAX_LESSON_TOKENS` tokens).
+    """
+    source = dict(model_source)
+    cfg = session.model.cfg.to_dict()
+    if "config" not in source:
+        source["config"] = cfg
+    elif GPTConfig.coerce(source["config"]).to_dict() != cfg:
+        raise LessonError("model_source's config is not the configuration of the session's model")
+    else:
+        source["config"] = GPTConfig.coerce(source["config"]).to_dict()
+    from . import __version__
+
+    lesson = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "title": title,
+        "model": source,
+        "dtype": dtype,
+        "prompt_text": session.prompt_text,
+        "prompt_ids": list(session.prompt_ids),
+        "generated_ids": list(session.generated_ids),
+        "sampling": _sampling_of(session),
+        "views": dict(views or {}),
+        "gptviz_version": __version__,
+    }
+    return validate_lesson(lesson, max_model_bytes=max_model_bytes)
+
+
+def lesson_to_json(lesson: Mapping[str, Any]) -> str:
+    """The lesson as JSON text (validated first; one line per field, UTF-8, no NaN)."""
+    checked = validate_lesson(dict(lesson), max_model_bytes=None)
+    lines = [f"{json.dumps(k)}: {json.dumps(v, ensure_ascii=False, allow_nan=False)}" for k, v in checked.items()]
+    text = "{\n " + ",\n ".join(lines) + "\n}"  # one line per field
+    if len(text.encode("utf-8")) > MAX_LESSON_BYTES:
+        raise LessonError(f"lesson is over {MAX_LESSON_BYTES} bytes as JSON")
+    return text + "\n"
+
+
+def save_lesson(lesson: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write the lesson as UTF-8 JSON to ``path`` (a path the caller chose); returns it."""
+    path = Path(path)
+    path.write_text(lesson_to_json(lesson), encoding="utf-8")
+    return path
+
+
+def _no_constants(name: str) -> Any:
+    raise LessonError(f"lesson file: {name} is not allowed in a lesson")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise LessonError(f"lesson file: key {k!r:.60} appears twice")
+        out[k] = v
+    return out
+
+
+def _parse(text: str | bytes) -> Any:
+    size = len(text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text)
+    if size > MAX_LESSON_BYTES:
+        raise _fail("file", f"is {size:,} bytes, at most {MAX_LESSON_BYTES:,} allowed")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise _fail("file", f"is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_duplicates)
+    except LessonError:
+        raise
+    except RecursionError:
+        raise _fail("file", "is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and huge integers (int max str digits)
+        raise _fail("file", f"is not valid JSON ({str(e)[:120]})") from None
+
+
+def load_lesson(source: Mapping[str, Any] | str | bytes | os.PathLike[str], *,
+                max_model_bytes: int | None = DEFAULT_MAX_MODEL_BYTES) -> dict[str, Any]:
+    """A validated lesson from a dict, JSON text (``str`` or ``bytes``) or a file (``os.PathLike``,
+    e.g. ``Path(upload)``: a ``str`` is never taken as a path).
+
+    Raises :class:`LessonError` (a ``ValueError``) for anything that is not a lesson this
+    gptviz can read; ``max_model_bytes`` bounds the model a ``random`` lesson describes.
+    """
+    if isinstance(source, os.PathLike):
+        path = Path(source)
+        try:
+            with path.open("rb") as f:
+                data = f.read(MAX_LESSON_BYTES + 1)
+        except OSError as e:
+            raise LessonError(f"lesson file cannot be read: {e.strerror or e}") from None
+        raw = _parse(data)
+    elif isinstance(source, (str, bytes, bytearray)):
+        if isinstance(source, str) and not source.lstrip().startswith("{"):
+            raise _fail("text", "is not a JSON object (to read a file, pass a pathlib.Path)")
+        raw = _parse(bytes(source) if isinstance(source, bytearray) else source)
+    elif isinstance(source, Mapping):
+        raw = dict(source)
+    else:
+        raise LessonError(f"a lesson is a dict, JSON text or a file path, got {type(source).__name__}")
+    return validate_lesson(raw, max_model_bytes=max_model_bytes)
+
+
+# --------------------------------------------------------------------------- models and replay
+
+_SEED_LOCK = threading.Lock()
+
+
+def model_for_lesson(lesson: Mapping[str, Any], *, device: torch.device | str | None = None,
+                     max_model_bytes: int | None = DEFAULT_MAX_MODEL_BYTES) -> GPTModel:
+    """The model of a ``random`` lesson: ``torch.manual_seed(seed)`` then ``GPTModel(config)``
+    on the CPU (inside ``torch.random.fork_rng``, so no one's random state changes), moved to
+    ``device`` (default CPU) and the lesson's dtype, in eval mode — the weights the app builds
+    for random weights with that seed.
+
+    Other kinds raise :class:`LessonError`: for ``hub`` names the app decides (its allow-list
+    and its shared models), and ``custom`` weights are never located from a lesson.
+    """
+    lesson = load_lesson(lesson, max_model_bytes=max_model_bytes)
+    source = lesson["model"]
+    if source["kind"] != "random":
+        raise LessonError(f"lesson model kind {source['kind']!r}: model_for_lesson builds random weights only; "
+                          "the app chooses the model for named weights and passes it to replay()")
+    cfg = GPTConfig.from_dict(source["config"])
+    with _SEED_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(source["seed"])
+        model = GPTModel(cfg)
+    return model.to(device=torch.device(device or "cpu"), dtype=DTYPES[lesson["dtype"]]).eval()
+
+
+@dataclass(frozen=True)
+class TokenRef:
+    """One token of a replay report."""
+
+    id: int
+    piece: str  # display text (gptviz.tokenizer.token_piece(...).text; "<id>" outside the tokenizer)
+
+
+@dataclass
+class ReplayResult:
+    """What :func:`replay` found.
+
+    ``session``: the replayed session (the lesson's ids when ``ok``; on a divergence it holds
+    the matched steps plus the step that differed, so its candidates show what the model
+    preferred). ``matched_steps``: generated tokens that matched. ``diverged_at``: index
+    (0-based) into the lesson's generated ids of the first step that differed, else None.
+    ``expected`` / ``got``: the lesson's token and the model's token at that step (``got`` is
+    None when the session stopped early, at ``<|endoftext|>`` with stop_at_eos).
+    ``expected_rank``: the lesson's token's rank among that step's top candidates (0 = top),
+    None if it is not among them. ``notes``: differences that may explain a divergence
+    (another dtype or configuration than the lesson's).
+    """
+
+    session: GenerationSession
+    matched_steps: int
+    diverged_at: int | None = None
+    expected: TokenRef | None = None
+    got: TokenRef | None = None
+    expected_rank: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.diverged_at is None
+
+    @property
+    def message(self) -> str:
+        """One sentence for people."""
+        n = len(self.session.generated_ids) if self.ok else self.matched_steps
+        if self.ok:
+            return f"replayed all {n} generated tokens: identical ids"
+        exp = f"{self.expected.piece!r} ({self.expected.id})" if self.expected else "?"
+        got = f"{self.got.piece!r} ({self.got.id})" if self.got else "nothing (the session stopped)"
+        return (f"this model diverges at step {self.diverged_at + 1}: the lesson has {exp}, the model chose {got}; "
+                f"{self.matched_steps} step(s) matched" + (f" ({'; '.join(self.notes)})" if self.notes else ""))
+
+
+def _piece(token_id: int, enc: tiktoken.Encoding) -> str:
+    return token_piece(token_id, enc).text if 0 <= token_id < enc.n_vocab else f"<{token_id}>"
+
+
+def _session_kwargs(lesson: Mapping[str, Any]) -> dict[str, Any]:
+    params = _session_parameters()
+    kwargs: dict[str, Any] = {}
+    for key, v in lesson["sampling"].items():
+        if key in params and not _is_option(key):
+            kwargs[key] = v
+        elif v is not None:
+            raise LessonError(f"lesson sampling.{key} = {v!r:.40}: this gptviz's GenerationSession has no such "
+                              "setting, so it cannot replay the lesson")
+    return kwargs
+
+
+def replay(lesson: Mapping[str, Any] | str | bytes | os.PathLike[str], model: GPTModel | None = None, *,
+           enc: tiktoken.Encoding | None = None, max_model_bytes: int | None = DEFAULT_MAX_MODEL_BYTES,
+           **session_options: Any) -> ReplayResult:
+    """Replay a lesson on ``model`` (default: :func:`model_for_lesson`, random lessons only).
+
+    Builds a :class:`GenerationSession` from the lesson's prompt ids and sampling settings and
+    runs its steps one at a time, comparing each token with the lesson's; stops at the first
+    difference. ``session_options`` are the app's display and memory options for the session
+    (``top_k``, ``attn_window``, ``logit_lens``, ``max_retained_bytes``). Raises
+    :class:`LessonError` for a bad lesson or one whose settings this session cannot take.
+    """
+    lesson = load_lesson(lesson, max_model_bytes=max_model_bytes)
+    bad = sorted(k for k in session_options if not _is_option(k) or k in ("self", "model", "enc", "prompt"))
+    if bad:
+        raise TypeError(f"replay() takes display and memory options only, not {', '.join(bad)}")
+    if model is None:
+        model = model_for_lesson(lesson, max_model_bytes=max_model_bytes)
+    enc = enc or get_encoding()
+    notes = []
+    if str(model.dtype).removeprefix("torch.") != lesson["dtype"]:
+        notes.append(f"the lesson was made in {lesson['dtype']}, this model runs in {str(model.dtype)[6:]}")
+    if model.cfg.to_dict() != lesson["model"]["config"]:
+        notes.append("this model's configuration differs from the lesson's")
+    try:
+        session = GenerationSession(model, enc, lesson["prompt_ids"], **_session_kwargs(lesson), **session_options)
+    except LessonError:
+        raise
+    except ValueError as e:  # e.g. ids outside this model's vocabulary
+        raise LessonError(f"lesson cannot be replayed on this model: {e}") from None
+    result = ReplayResult(session, 0, notes=notes)
+    for k, expected in enumerate(lesson["generated_ids"]):
+        records: list[StepRecord] = session.step(1)
+        if not records or records[0].token_id != expected:
+            result.diverged_at = k
+            result.expected = TokenRef(expected, _piece(expected, enc))
+            if records:
+                r = records[0]
+                result.got = TokenRef(r.token_id, r.piece)
+                result.expected_rank = next(
+                    (rank for rank, c in enumerate(r.candidates) if c.token_id == expected), None)
+            return result
+        result.matched_steps = k + 1
+    return result
