@@ -23,6 +23,7 @@ The format (``version`` 1)::
      "prompt_ids": [15496, 11, 314, 716],
      "generated_ids": [...],
      "sampling": {"temperature": 0.0, "sample_top_k": null, "seed": 123, "stop_at_eos": false, ...},
+     "sampling_changes": [{"step": 3, "temperature": 0.8, "seed": 7}, ...],   # optional
      "views": {"tab": "generate", "layer": 5, "head": 1, "step": 6},
      "gptviz_version": "0.1.0"}
 
@@ -37,12 +38,16 @@ path, a module or code: the model source is data. :func:`model_for_lesson` build
 allow-list (:func:`gptviz.weights.is_allowed_name`) and which model to pass to
 :func:`replay`; ``custom`` models are never located from a lesson.
 
-Sampling settings: :func:`lesson_from_session` records ``temperature``, ``sample_top_k``,
-``seed``, ``stop_at_eos`` and ``top_p`` (when the session has it), plus any other plain
-setting of :class:`GenerationSession`'s signature that is not a display or memory option
-(:data:`SESSION_OPTIONS`). :func:`replay` passes each stored setting that the installed
-:class:`GenerationSession` accepts; a setting it does not accept is refused unless it is
-null (the neutral default).
+Sampling settings: ``sampling`` holds the settings the first step used — ``temperature``,
+``sample_top_k``, ``seed``, ``stop_at_eos`` and ``top_p`` (when the session has it), plus any
+other plain setting of :class:`GenerationSession`'s signature that is not a display or memory
+option (:data:`SESSION_OPTIONS`). When the settings changed between steps
+(``GenerationSession.set_sampling``; each ``StepRecord`` carries the settings it used),
+``sampling_changes`` lists them: ``{"step": k, ...changed settings...}`` applies before
+generated token ``k`` (``k`` = the number of generated ids: the settings the session was
+left with). :func:`replay` passes each stored setting that the installed session accepts
+(constructor, then ``set_sampling`` before the step); one it does not accept is refused
+unless it is null (the neutral default).
 """
 
 from __future__ import annotations
@@ -107,7 +112,7 @@ SESSION_OPTIONS = frozenset({"self", "model", "enc", "prompt", "top_k", "attn_wi
 KNOWN_SAMPLING = ("temperature", "sample_top_k", "top_p", "seed", "stop_at_eos")
 MODEL_KINDS = ("random", "hub", "custom")
 _TOP_KEYS = {"format", "version", "title", "model", "dtype", "prompt_text", "prompt_ids", "generated_ids",
-             "sampling", "views", "gptviz_version"}
+             "sampling", "sampling_changes", "views", "gptviz_version"}
 _REQUIRED = ("format", "version", "model", "dtype", "prompt_ids", "generated_ids", "sampling")
 _MAX_SEED = 2**63 - 1
 _MAX_TEMPERATURE = 1e6
@@ -238,15 +243,18 @@ def _check_ids(raw: Any, where: str, vocab: int, *, min_len: int, max_len: int) 
     return list(raw)
 
 
-def _check_sampling(raw: Any, vocab: int) -> dict[str, Any]:
+def _check_sampling(raw: Any, vocab: int, name: str = "sampling", need_seed: bool = True,
+                    skip: tuple[str, ...] = ()) -> dict[str, Any]:
     if not isinstance(raw, dict):
-        raise _fail("sampling", f"must be an object, got {type(raw).__name__}")
+        raise _fail(name, f"must be an object, got {type(raw).__name__}")
     if len(raw) > MAX_ENTRIES:
-        raise _fail("sampling", f"has {len(raw)} entries, at most {MAX_ENTRIES}")
+        raise _fail(name, f"has {len(raw)} entries, at most {MAX_ENTRIES}")
     out: dict[str, Any] = {}
     for key, v in raw.items():
-        where = f"sampling.{key}"
-        _short_str(key, "sampling key", 64)
+        where = f"{name}.{key}"
+        _short_str(key, f"{name} key", 64)
+        if key in skip:
+            continue
         if key == "temperature":
             if not _is_number(v) or not 0 <= v <= _MAX_TEMPERATURE:
                 raise _fail(where, f"must be a finite number >= 0 (0 = greedy), got {v!r:.60}")
@@ -270,8 +278,31 @@ def _check_sampling(raw: Any, vocab: int) -> dict[str, Any]:
         elif isinstance(v, str):
             _short_str(v, where)
         out[key] = v
-    if "seed" not in out:
-        raise _fail("sampling.seed", "is missing")
+    if need_seed and "seed" not in out:
+        raise _fail(f"{name}.seed", "is missing")
+    return out
+
+
+def _check_changes(raw: Any, vocab: int, n_generated: int) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        raise _fail("sampling_changes", f"must be a list, got {type(raw).__name__}")
+    if len(raw) > n_generated + 1:
+        raise _fail("sampling_changes", f"has {len(raw)} entries for {n_generated} generated ids")
+    out, last = [], -1
+    for k, entry in enumerate(raw):
+        where = f"sampling_changes[{k}]"
+        if not isinstance(entry, dict):
+            raise _fail(where, f"must be an object, got {type(entry).__name__}")
+        if "step" not in entry:
+            raise _fail(f"{where}.step", "is missing")
+        step = _int_in(entry["step"], f"{where}.step", last + 1, n_generated)
+        if "stop_at_eos" in entry:
+            raise _fail(f"{where}.stop_at_eos", "is a setting of the whole session, not of a step")
+        change = _check_sampling(entry, vocab, where, need_seed=False, skip=("step",))
+        if not change:
+            raise _fail(where, "changes nothing")
+        out.append({"step": step, **change})
+        last = step
     return out
 
 
@@ -332,6 +363,7 @@ def validate_lesson(raw: Any, *, max_model_bytes: int | None = DEFAULT_MAX_MODEL
         "prompt_ids": prompt_ids,
         "generated_ids": generated,
         "sampling": _check_sampling(raw["sampling"], vocab),
+        "sampling_changes": _check_changes(raw.get("sampling_changes", []), vocab, len(generated)),
         "views": _check_views(raw.get("views", {}), cfg, len(generated)),
     }
     if "gptviz_version" in raw:
@@ -350,18 +382,50 @@ def _is_option(name: str) -> bool:
     return name in SESSION_OPTIONS or name.startswith("max_") or name.startswith("_")
 
 
+def _plain(name: str, v: Any) -> Any:
+    return float(v) if name in ("temperature", "top_p") and v is not None else v
+
+
 def _sampling_of(session: GenerationSession) -> dict[str, Any]:
-    """Every sampling setting the session has (the known ones, and any other plain setting
-    of the constructor that is not a display or memory option)."""
+    """Every sampling setting the session has now (the known ones, ``session.sampling`` if it
+    has that, and any other plain setting of the constructor that is not a display or memory
+    option)."""
     out: dict[str, Any] = {}
-    names = list(KNOWN_SAMPLING) + [n for n in _session_parameters() if n not in KNOWN_SAMPLING]
+    current = getattr(session, "sampling", None)
+    extra = list(current) if isinstance(current, Mapping) else []
+    names = list(dict.fromkeys([*KNOWN_SAMPLING, *extra, *_session_parameters()]))
     for name in names:
         if _is_option(name) or not hasattr(session, name):
             continue
         v = getattr(session, name)
         if v is None or isinstance(v, (bool, str)) or _is_number(v):
-            out[name] = float(v) if name in ("temperature", "top_p") and v is not None else v
+            out[name] = _plain(name, v)
     return out
+
+
+def _step_setting_names(session: GenerationSession) -> list[str]:
+    """The settings ``set_sampling`` takes (none if the session cannot change them)."""
+    setter = getattr(session, "set_sampling", None)
+    if setter is None:
+        return []
+    return [n for n, p in inspect.signature(setter).parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+
+def _sampling_history(session: GenerationSession) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(settings of the first step, changes before later steps and after the last one), from the
+    settings each StepRecord carries."""
+    now = _sampling_of(session)
+    names = [n for n in _step_setting_names(session) if n in now]
+    per_step = [{n: _plain(n, getattr(r, n)) for n in names if hasattr(r, n)} for r in session.steps]
+    states = per_step + [{n: now[n] for n in names}]
+    first = {**now, **states[0]}
+    changes, prev = [], states[0]
+    for k, state in enumerate(states[1:], 1):
+        diff = {n: v for n, v in state.items() if n not in prev or prev[n] != v}
+        if diff:
+            changes.append({"step": k, **diff})
+        prev = {**prev, **state}
+    return first, changes
 
 
 def lesson_from_session(session: GenerationSession, *, model_source: Mapping[str, Any], dtype: str,
@@ -386,6 +450,7 @@ def lesson_from_session(session: GenerationSession, *, model_source: Mapping[str
         source["config"] = GPTConfig.coerce(source["config"]).to_dict()
     from . import __version__
 
+    sampling, changes = _sampling_history(session)
     lesson = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -395,7 +460,8 @@ def lesson_from_session(session: GenerationSession, *, model_source: Mapping[str
         "prompt_text": session.prompt_text,
         "prompt_ids": list(session.prompt_ids),
         "generated_ids": list(session.generated_ids),
-        "sampling": _sampling_of(session),
+        "sampling": sampling,
+        "sampling_changes": changes,
         "views": dict(views or {}),
         "gptviz_version": __version__,
     }
@@ -597,8 +663,12 @@ def replay(lesson: Mapping[str, Any] | str | bytes | os.PathLike[str], model: GP
         raise
     except ValueError as e:  # e.g. ids outside this model's vocabulary
         raise LessonError(f"lesson cannot be replayed on this model: {e}") from None
+    changes = {c["step"]: {k: v for k, v in c.items() if k != "step"} for c in lesson["sampling_changes"]}
+    setter = _setter(session, changes)
     result = ReplayResult(session, 0, notes=notes)
     for k, expected in enumerate(lesson["generated_ids"]):
+        if k in changes:
+            setter(changes[k])
         records: list[StepRecord] = session.step(1)
         if not records or records[0].token_id != expected:
             result.diverged_at = k
@@ -610,4 +680,25 @@ def replay(lesson: Mapping[str, Any] | str | bytes | os.PathLike[str], model: GP
                     (rank for rank, c in enumerate(r.candidates) if c.token_id == expected), None)
             return result
         result.matched_steps = k + 1
+    if len(lesson["generated_ids"]) in changes:  # the settings the lesson's session was left with
+        setter(changes[len(lesson["generated_ids"])])
     return result
+
+
+def _setter(session: GenerationSession, changes: Mapping[int, Mapping[str, Any]]) -> Any:
+    """A function applying one ``sampling_changes`` entry to the session (checked up front:
+    LessonError if the session cannot take a non-null setting of any entry)."""
+    names = set(_step_setting_names(session))
+    for step, change in changes.items():
+        bad = sorted(k for k, v in change.items() if k not in names and v is not None)
+        if bad:
+            raise LessonError(f"lesson sampling_changes at step {step} sets {', '.join(bad)}: this gptviz's "
+                              "GenerationSession cannot change that between steps, so it cannot replay the lesson")
+
+    def apply(change: Mapping[str, Any]) -> None:
+        try:
+            session.set_sampling(**{k: v for k, v in change.items() if k in names})
+        except ValueError as e:
+            raise LessonError(f"lesson sampling_changes: {e}") from None
+
+    return apply

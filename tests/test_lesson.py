@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from pathlib import Path
 
@@ -160,6 +161,60 @@ def test_sampling_settings_round_trip(tiny_model, enc, tiny_cfg, tmp_path):
     other = own_ids(tiny_model, enc, PROMPT, 8, temperature=1.5, sample_top_k=50, seed=2025)
     first = next(k for k, (a, b) in enumerate(zip(s.generated_ids, other)) if a != b)
     assert replay(changed, tiny_model).diverged_at == first
+
+
+def test_top_p_round_trips_when_the_session_has_it(tiny_model, enc, tiny_cfg):
+    if "top_p" not in inspect.signature(GenerationSession).parameters:
+        pytest.skip("this GenerationSession has no top_p")
+    s = GenerationSession(tiny_model, enc, PROMPT, temperature=2.0, top_p=0.5, seed=11)
+    s.step(6)
+    lesson = load_lesson(lesson_to_json(lesson_from_session(s, model_source=random_source(tiny_cfg), dtype="float32")))
+    assert lesson["sampling"]["top_p"] == 0.5
+    result = replay(lesson, tiny_model)
+    assert result.ok and result.session.generated_ids == s.generated_ids and result.session.top_p == 0.5
+    without = copy.deepcopy(lesson)
+    without["sampling"]["top_p"] = None
+    theirs = own_ids(tiny_model, enc, PROMPT, 6, temperature=2.0, seed=11)
+    first = next((k for k, (a, b) in enumerate(zip(s.generated_ids, theirs)) if a != b), None)
+    assert replay(without, tiny_model).diverged_at == first
+
+
+def test_sampling_changed_between_steps_replays(tiny_model, enc, tiny_cfg):
+    if not hasattr(GenerationSession, "set_sampling"):
+        pytest.skip("this GenerationSession cannot change sampling between steps")
+    s = GenerationSession(tiny_model, enc, PROMPT)
+    s.step(2)  # greedy
+    s.set_sampling(temperature=1.5, seed=99)
+    s.step(3)  # sampled
+    s.set_sampling(temperature=0.0)
+    s.step(1)  # greedy again
+    s.set_sampling(temperature=0.7, sample_top_k=20)  # what the teacher left for the next step
+    lesson = load_lesson(lesson_to_json(lesson_from_session(s, model_source=random_source(tiny_cfg), dtype="float32")))
+    assert lesson["sampling"]["temperature"] == 0.0
+    assert [c["step"] for c in lesson["sampling_changes"]] == [2, 5, 6]
+    assert lesson["sampling_changes"][0]["temperature"] == 1.5 and lesson["sampling_changes"][0]["seed"] == 99
+    result = replay(lesson, tiny_model)
+    assert result.ok and result.session.generated_ids == s.generated_ids
+    assert [r.sampled for r in result.session.steps] == [False, False, True, True, True, False]
+    assert result.session.temperature == 0.7 and result.session.sample_top_k == 20
+    # Without the changes, the replay is greedy throughout and must leave the lesson where sampling began.
+    greedy = own_ids(tiny_model, enc, PROMPT, 6)
+    first = next(k for k, (a, b) in enumerate(zip(s.generated_ids, greedy)) if a != b)
+    assert first >= 2 and replay(dict(lesson, sampling_changes=[]), tiny_model).diverged_at == first
+
+
+@pytest.mark.parametrize("changes, message", [
+    ([{"temperature": 1.0}], "step.*missing"),
+    ([{"step": 9, "temperature": 1.0}], "between 0 and 6"),
+    ([{"step": 3, "seed": 1}, {"step": 3, "seed": 2}], "between 4 and 6"),
+    ([{"step": 1}], "changes nothing"),
+    ([{"step": 1, "stop_at_eos": True}], "whole session"),
+    ([{"step": 1, "temperature": -2}], "temperature"),
+    ("often", "must be a list"),
+])
+def test_bad_sampling_changes_are_refused(lesson, changes, message):
+    with pytest.raises(LessonError, match=message):
+        load_lesson(dict(lesson, sampling_changes=changes))
 
 
 def test_replay_notes_another_dtype(lesson, tiny_model):
