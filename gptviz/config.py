@@ -8,6 +8,11 @@ from typing import Any, Mapping
 
 #: The keys of the source's plain configuration dict, in the source's order.
 SOURCE_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
+#: Every field of a :class:`GPTConfig` (the source's keys, then gptviz's ``tie_weights``): the
+#: one list the parameter form, lesson files and links use.
+CONFIG_FIELDS = (*SOURCE_KEYS, "tie_weights")
+#: The released GPT-2 models, smallest first (their configurations are in :data:`PRESETS`).
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 @dataclass(frozen=True)
@@ -92,3 +97,46 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-large": _gpt2(1280, 20, 36),
     "gpt2-xl": _gpt2(1600, 25, 48),
 }
+
+
+# --------------------------------------------------------------------------- form input
+
+_INT_FIELDS = SOURCE_KEYS[:5]  # vocab_size … n_layers
+
+
+def _whole(name: str, value: Any) -> int:
+    """An integer from a UI number box (``768``, ``768.0``); ``ValueError`` naming the field otherwise."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{name} is required")
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if not number.is_integer():
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def config_from_fields(
+    vocab_size: Any,
+    context_length: Any,
+    emb_dim: Any,
+    n_heads: Any,
+    n_layers: Any,
+    drop_rate: Any,
+    qkv_bias: Any,
+    tie_weights: Any,
+) -> GPTConfig:
+    """A :class:`GPTConfig` from the UI's raw field values, or a ``ValueError`` whose message
+    names the field (integral floats such as ``768.0`` are accepted; ``768.5`` is not)."""
+    ints = {name: _whole(name, value) for name, value in zip(_INT_FIELDS, (vocab_size, context_length, emb_dim,
+                                                                          n_heads, n_layers))}
+    if drop_rate is None or (isinstance(drop_rate, str) and not drop_rate.strip()):
+        raise ValueError("drop_rate is required")
+    try:
+        rate = float(drop_rate)
+    except (TypeError, ValueError):
+        raise ValueError(f"drop_rate must be a number with 0 <= drop_rate < 1, got {drop_rate!r}") from None
+    return GPTConfig(**ints, drop_rate=rate, qkv_bias=qkv_bias, tie_weights=tie_weights)

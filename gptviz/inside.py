@@ -29,7 +29,6 @@ from types import FrameType
 from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
-import tiktoken
 import torch
 import torch.nn as nn
 
@@ -38,7 +37,6 @@ from .config import GPTConfig
 from .kv_cache import KVCache
 from .model import GPTModel
 from .trace import RESIDUAL, TRACE_NAMES, Trace
-from .tokenizer import token_piece
 
 __all__ = [
     "model_source",
@@ -51,6 +49,8 @@ __all__ = [
     "low_precision_copy",
     "compare_precision",
     "PrecisionResult",
+    "side_by_side",
+    "PAIR_COLUMNS",
     "kv_cache_table",
     "forward_flops",
     "cache_savings",
@@ -85,34 +85,20 @@ def _next_logits(model: GPTModel, batch: torch.Tensor, head_mask: torch.Tensor |
     return model(batch, head_mask=head_mask, last_only=True)[0, -1].cpu()
 
 
-def _piece(token_id: int, enc: tiktoken.Encoding | None) -> str:
-    try:
-        return token_piece(token_id, enc).text
-    except ValueError:  # a configuration with a vocabulary larger than GPT-2's
-        return f"<{token_id}>"
+#: Columns of :func:`side_by_side`: run a's top-k ids and probabilities, the probability run b
+#: gives those same tokens, and run b's own top-k.
+PAIR_COLUMNS = ("rank", "a_id", "a_p", "b_p_same", "b_id", "b_p")
 
 
-def _side_by_side(
-    a: torch.Tensor, b: torch.Tensor, top_k: int, names: tuple[str, str], enc: tiktoken.Encoding | None
-) -> pd.DataFrame:
-    """Top-k candidates of two logit vectors side by side: each run's own top-k, and the
-    probability the second run gives the first run's tokens."""
+def side_by_side(a: torch.Tensor, b: torch.Tensor, top_k: int) -> pd.DataFrame:
+    """Top-k candidates of two logit vectors side by side (:data:`PAIR_COLUMNS`): each run's
+    own top-k, and the probability the second run gives the first run's tokens."""
     pa, pb = torch.softmax(a.float(), -1), torch.softmax(b.float(), -1)
     k = min(top_k, a.numel())
     ta, tb = pa.topk(k), pb.topk(k)
-    na, nb = names
-    return pd.DataFrame(
-        {
-            "rank": range(1, k + 1),
-            f"{na} token": [_piece(i, enc) for i in ta.indices.tolist()],
-            f"{na} id": ta.indices.tolist(),
-            f"{na} p": ta.values.tolist(),
-            f"{nb} p (same token)": pb[ta.indices].tolist(),
-            f"{nb} token": [_piece(i, enc) for i in tb.indices.tolist()],
-            f"{nb} id": tb.indices.tolist(),
-            f"{nb} p": tb.values.tolist(),
-        }
-    )
+    values = (range(1, k + 1), ta.indices.tolist(), ta.values.tolist(), pb[ta.indices].tolist(),
+              tb.indices.tolist(), tb.values.tolist())
+    return pd.DataFrame(dict(zip(PAIR_COLUMNS, values)))
 
 
 # --------------------------------------------------------------------------- shape tracer
@@ -333,12 +319,9 @@ class AblationResult:
     ablated_logits: torch.Tensor  # (vocab,) with the heads switched off
     max_logit_change: float  # max |ablated - normal| over the vocabulary
     top1_changed: bool
-    summary: str
 
 
-def ablate(
-    model: GPTModel, ids: TokenIds, heads: HeadSpec, top_k: int = 10, enc: tiktoken.Encoding | None = None
-) -> AblationResult:
+def ablate(model: GPTModel, ids: TokenIds, heads: HeadSpec, top_k: int = 10) -> AblationResult:
     """Next-token candidates with chosen attention heads switched off, beside the normal run.
 
     ``heads``: a spec for :func:`parse_heads`, or a ``(n_layers, n_heads)`` head mask
@@ -358,21 +341,13 @@ def ablate(
     normal = _next_logits(model, batch)
     ablated = _next_logits(model, batch, mask.to(model.device))
     change = (ablated.float() - normal.float()).abs().max().item()
-    top_n, top_a = int(normal.argmax()), int(ablated.argmax())
-    names = ", ".join(f"L{l}H{h}" for l, h in off) or "none"
-    verdict = (
-        f"top-1 changed: {_piece(top_n, enc)!r} → {_piece(top_a, enc)!r}"
-        if top_n != top_a
-        else f"top-1 unchanged: {_piece(top_n, enc)!r}"
-    )
     return AblationResult(
         heads=off,
-        table=_side_by_side(normal, ablated, top_k, ("normal", "ablated"), enc),
+        table=side_by_side(normal, ablated, top_k),  # a = normal, b = ablated
         logits=normal,
         ablated_logits=ablated,
         max_logit_change=change,
-        top1_changed=top_n != top_a,
-        summary=f"Switched off {len(off)} head(s) ({names}); {verdict}; largest logit change {change:.4g}.",
+        top1_changed=int(normal.argmax()) != int(ablated.argmax()),
     )
 
 
@@ -396,8 +371,7 @@ class PrecisionResult:
     topk_overlap: int  # tokens the two top-k sets share
     ms_reference: float  # median wall time of one forward
     ms_low: float
-    table: pd.DataFrame  # top-k of both side by side
-    summary: str
+    table: pd.DataFrame  # top-k of both side by side (a = reference, b = low precision)
 
 
 def _timed(fn: Any, repeats: int) -> tuple[Any, float]:
@@ -417,7 +391,6 @@ def compare_precision(
     top_k: int = 10,
     low_model: GPTModel | None = None,
     repeats: int = 3,
-    enc: tiktoken.Encoding | None = None,
 ) -> PrecisionResult:
     """The current step's next-token logits from ``model`` (fp32) and from a low-precision
     copy (``low_model``, e.g. a cached :func:`low_precision_copy`; a ``dtype`` copy is made
@@ -434,7 +407,6 @@ def compare_precision(
     k = min(top_k, ref.numel())
     ref_top, low_top = set(ref.topk(k).indices.tolist()), set(low.topk(k).indices.tolist())
     diff = (low - ref.float()).abs().max().item()
-    names = (str(model.dtype).removeprefix("torch."), str(low_model.dtype).removeprefix("torch."))
     top1 = int(ref.argmax()) == int(low.argmax())
     return PrecisionResult(
         dtype=low_model.dtype,
@@ -447,12 +419,7 @@ def compare_precision(
         topk_overlap=len(ref_top & low_top),
         ms_reference=ms_ref,
         ms_low=ms_low,
-        table=_side_by_side(ref, low, top_k, names, enc),
-        summary=(
-            f"{names[1]} vs {names[0]}: largest logit difference {diff:.4g}; top-1 "
-            f"{'agrees' if top1 else 'differs'}; top-{k} share {len(ref_top & low_top)} of {k} tokens; "
-            f"{ms_ref:.1f} ms vs {ms_low:.1f} ms per forward."
-        ),
+        table=side_by_side(ref, low, top_k),
     )
 
 
@@ -494,13 +461,6 @@ def forward_flops(cfg: GPTConfig | Mapping[str, Any], queries: int, keys: int) -
     return 2 * 12 * d * d * n_layers * queries + 4 * d * n_layers * queries * keys + 2 * cfg.vocab_size * d
 
 
-def _flops_text(n: float) -> str:
-    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} FLOP"
-
-
 @dataclass(frozen=True)
 class CacheSavings:
     context_len: int  # positions the step's prediction depends on
@@ -508,7 +468,6 @@ class CacheSavings:
     positions_full: int  # positions run when recomputing the whole context
     flops_cached: int
     flops_full: int
-    explanation: str
 
     @property
     def saving(self) -> float:
@@ -528,12 +487,4 @@ def cache_savings(cfg: GPTConfig | Mapping[str, Any], context_len: int, new_toke
         )
     cached = forward_flops(cfg, new_tokens, context_len)
     full = forward_flops(cfg, context_len, context_len)
-    explanation = (
-        f"With the KV cache this step ran {new_tokens} of {context_len} positions through the model and read "
-        f"the keys and values of the other {context_len - new_tokens} from the cache; without it, all "
-        f"{context_len} positions are recomputed. Work ≈ {_flops_text(cached)} instead of {_flops_text(full)} "
-        f"({full / cached:.1f}× less). Counted: 2·12·d²·L per position for the linear layers, 4·d·L per "
-        f"(query, key) pair for attention, 2·V·d once for the output head "
-        f"(d={cfg.emb_dim}, L={cfg.n_layers}, V={cfg.vocab_size})."
-    )
-    return CacheSavings(context_len, new_tokens, context_len, cached, full, explanation)
+    return CacheSavings(context_len, new_tokens, context_len, cached, full)

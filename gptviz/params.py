@@ -16,7 +16,8 @@ from typing import Any, Mapping, NamedTuple
 
 import pandas as pd
 
-from .config import PRESETS, GPTConfig
+from .config import GPT2_NAMES, PRESETS, GPTConfig
+from .formatting import si
 
 __all__ = [
     "GROUPS",
@@ -27,13 +28,14 @@ __all__ = [
     "format_breakdown",
     "memory_and_compute",
     "nearest_preset",
-    "config_from_fields",
+    "kv_values_per_token",
+    "kv_bytes_per_token",
 ]
 
 #: Subtotal groups, in the order the table lists them.
 GROUPS = ("embeddings", "attention", "feed-forward", "layer norms", "output head")
 #: The released GPT-2 sizes among :data:`~gptviz.config.PRESETS`.
-GPT2_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_PRESETS = GPT2_NAMES
 
 CfgLike = GPTConfig | Mapping[str, Any]
 
@@ -186,13 +188,16 @@ def format_breakdown(df: pd.DataFrame) -> pd.DataFrame:
 # --------------------------------------------------------------------------- memory and compute
 
 
-def _si(value: float, unit: str) -> str:
-    """``497.8 MB``, ``350.4 GFLOP``: decimal (SI) prefixes, as disk and GPU makers use."""
-    for prefix in ("", "k", "M", "G", "T", "P"):
-        if abs(value) < 1000 or prefix == "P":
-            return f"{value:,.0f} {unit}" if prefix == "" else f"{value:.1f} {prefix}{unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
+def kv_values_per_token(cfg: CfgLike) -> int:
+    """Numbers the KV cache keeps per token: keys and values (2) of every layer, each emb_dim
+    wide (n_heads × head_dim)."""
+    cfg = GPTConfig.coerce(cfg)
+    return 2 * cfg.n_layers * cfg.emb_dim
+
+
+def kv_bytes_per_token(cfg: CfgLike, element_size: int) -> int:
+    """Bytes of KV cache per token at ``element_size`` bytes per number (4 in float32)."""
+    return kv_values_per_token(cfg) * element_size
 
 
 def memory_and_compute(cfg: CfgLike) -> pd.DataFrame:
@@ -218,7 +223,7 @@ def memory_and_compute(cfg: CfgLike) -> pd.DataFrame:
     n_params = sum(c.total for c in comps)
     v, t, d, n = cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_layers
     non_emb = n_params - sum(c.total for c in comps if c.module in ("tok_emb", "pos_emb", "out_head"))
-    kv_token = 2 * n * d
+    kv_token = kv_values_per_token(cfg)
     attn = 2 * n * t * d
     flops = 2 * non_emb + attn
     rows = {
@@ -244,11 +249,11 @@ def memory_and_compute(cfg: CfgLike) -> pd.DataFrame:
     _check_int64(max(r[1] for r in rows.values()))
     df = pd.DataFrame.from_dict(rows, orient="index", columns=["quantity", "value", "unit", "formula"])
     df["value"] = df["value"].astype("int64")
-    df["readable"] = [_si(x, "B" if u == "bytes" else "FLOP") for x, u in zip(df["value"], df["unit"])]
+    df["readable"] = [si(x, "B" if u == "bytes" else "FLOP") for x, u in zip(df["value"], df["unit"])]
     return df[["quantity", "value", "unit", "readable", "formula"]]
 
 
-# --------------------------------------------------------------------------- presets and UI input
+# --------------------------------------------------------------------------- presets
 
 
 class NearestPreset(NamedTuple):
@@ -265,44 +270,3 @@ def nearest_preset(cfg: CfgLike) -> NearestPreset:
     sizes = {name: count_params(PRESETS[name]) for name in GPT2_PRESETS}
     name = min(sizes, key=lambda k: abs(math.log(n / sizes[k])))
     return NearestPreset(name, sizes[name], n / sizes[name])
-
-
-_INT_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers")
-
-
-def _whole(name: str, value: Any) -> int:
-    """An integer from a UI number box (``768``, ``768.0``); ``ValueError`` naming the field otherwise."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise ValueError(f"{name} is required")
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    if not number.is_integer():
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    return int(number)
-
-
-def config_from_fields(
-    vocab_size: Any,
-    context_length: Any,
-    emb_dim: Any,
-    n_heads: Any,
-    n_layers: Any,
-    drop_rate: Any,
-    qkv_bias: Any,
-    tie_weights: Any,
-) -> GPTConfig:
-    """A :class:`GPTConfig` from the UI's raw field values, or a ``ValueError`` whose message
-    names the field (integral floats such as ``768.0`` are accepted; ``768.5`` is not)."""
-    ints = {name: _whole(name, value) for name, value in zip(_INT_FIELDS, (vocab_size, context_length, emb_dim,
-                                                                          n_heads, n_layers))}
-    if drop_rate is None or (isinstance(drop_rate, str) and not drop_rate.strip()):
-        raise ValueError("drop_rate is required")
-    try:
-        rate = float(drop_rate)
-    except (TypeError, ValueError):
-        raise ValueError(f"drop_rate must be a number with 0 <= drop_rate < 1, got {drop_rate!r}") from None
-    return GPTConfig(**ints, drop_rate=rate, qkv_bias=qkv_bias, tie_weights=tie_weights)

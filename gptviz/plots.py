@@ -10,6 +10,7 @@ import plotly.graph_objects as go
 
 from .config import GPTConfig
 from .params import GROUPS, param_breakdown
+from .formatting import percent
 
 # --- parameters
 
@@ -98,11 +99,6 @@ _FIXED = dict(automargin=False, ticklabeloverflow="allow")
 def _text_px(labels: Sequence[str], size: int) -> int:
     """Approximate width in pixels of the longest label at font ``size`` (for fixed margins)."""
     return int(0.62 * size * max((len(s) for s in labels), default=0))
-
-
-def percent(p: float) -> str:
-    """A probability as bar text: ``25.3%``, or four decimals below 0.1% (``0.0253%``)."""
-    return f"{p:.1%}" if p >= 0.001 else f"{p:.4%}"
 
 
 def empty_figure(message: str, height: int = 360) -> go.Figure:

@@ -18,18 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
-
-from playwright.sync_api import Page, sync_playwright
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 from .config import PRESETS
 from .params import count_params
 from .tokenizer import encode, get_encoding
+
+if TYPE_CHECKING:  # Playwright is a test-only requirement: imported when shots are taken
+    from playwright.sync_api import Page
 
 CHROMIUM = os.environ.get("GPTVIZ_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -149,31 +149,19 @@ SHOTS: tuple[Shot, ...] = (
 )
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def running_app() -> Iterator[str]:
     """The app on a free local port, offline, on the CPU, with the default random weights
-    (seed 123); yields its URL and closes it afterwards. Sets the environment to match."""
-    os.environ.update(GPTVIZ_DEVICE="cpu", HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    os.environ.pop("GPTVIZ_WEIGHTS", None)
-    from .ui import LAUNCH_KWARGS, build_demo  # imported after the environment is set
+    (seed 123); yields its URL and closes it afterwards."""
+    os.environ.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    from .settings import Settings
+    from .ui import running_app as serve
 
-    demo = build_demo()
-    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True,
-                **LAUNCH_KWARGS)
-    try:
+    with serve(Settings(device="cpu")) as demo:
         yield demo.local_url
-    finally:
-        demo.close()
 
 
-def take(page: Page, shot: Shot) -> bytes:
+def take(page: "Page", shot: Shot) -> bytes:
     """Run one shot in ``page``; the PNG of the viewport."""
     page.get_by_role("tab", name=shot.tab, exact=True).click()
     for method, *args in shot.actions:
@@ -199,6 +187,8 @@ def make_screenshots(out: Path = DEFAULT_OUT, scale: float = 1, shots: Sequence[
     """Launch the app and a browser, take ``shots`` in order, write ``<out>/<name>.png``; the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    from playwright.sync_api import sync_playwright
+
     with running_app() as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

@@ -110,3 +110,33 @@ def token_pieces(ids: list[int], enc: tiktoken.Encoding | None = None) -> list[T
 def show_whitespace(text: str) -> str:
     """Make spaces, tabs and newlines visible: ``·``, ``→``, ``↵``."""
     return text.replace(" ", "·").replace("\t", "→").replace("\r", "␍").replace("\n", "↵")
+
+
+#: Other control characters as their Unicode "control pictures" (NUL → ␀), after show_whitespace.
+_CONTROL_PICTURES = {c: 0x2400 + c for c in range(0x20)} | {0x7F: 0x2421}
+
+
+def display_text(p: TokenPiece) -> tuple[str, str]:
+    """(text shown for a token, its kind: ``""``, ``"special"`` or ``"partial"``): whitespace and
+    control characters made visible, partial UTF-8 shown as its bytes, ``<|endoftext|>`` as is."""
+    if p.special:
+        return p.text, "special"
+    if p.partial:
+        return p.text, "partial"
+    return show_whitespace(p.text).translate(_CONTROL_PICTURES), ""
+
+
+def piece_text(token_id: int, enc: tiktoken.Encoding | None = None) -> str:
+    """The raw text of a token (:attr:`TokenPiece.text`); ``<id>`` for ids beyond GPT-2's
+    vocabulary (a configuration with a larger vocab_size)."""
+    enc = enc or get_encoding()
+    return token_piece(token_id, enc).text if 0 <= token_id < enc.n_vocab else f"<{token_id}>"
+
+
+def label(token_id: int, enc: tiktoken.Encoding | None = None, width: int = 12) -> str:
+    """Short display text of a token for plot axes and tables (whitespace visible, cut at ``width``)."""
+    enc = enc or get_encoding()
+    if not 0 <= token_id < enc.n_vocab:
+        return f"<{token_id}>"
+    text, _ = display_text(token_piece(token_id, enc))
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,7 +1,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from gptviz.config import PRESETS, GPTConfig
+from gptviz.config import CONFIG_FIELDS, PRESETS, GPTConfig, config_from_fields
 
 # The source's configuration dict, as printed in the book.
 GPT_CONFIG_124M = {
@@ -78,3 +78,33 @@ def test_any_valid_config_round_trips(heads, head_dim, layers, vocab, ctx, drop,
     assert cfg.head_dim == head_dim
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.replace(n_layers=1).n_layers == 1
+
+
+# --------------------------------------------------------------------------- form field values
+
+
+FIELDS = dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.1,
+              qkv_bias=False, tie_weights=False)
+
+
+def test_config_from_fields_accepts_integral_floats():
+    cfg = config_from_fields(**{**FIELDS, "emb_dim": 768.0, "n_layers": 12.0, "vocab_size": "50257"})
+    assert cfg == PRESETS["seed-124M"] and isinstance(cfg.emb_dim, int)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("emb_dim", 768.5), ("n_layers", None), ("vocab_size", 0), ("context_length", -3), ("n_heads", float("nan")),
+     ("n_heads", 7), ("drop_rate", 1.0), ("drop_rate", None), ("vocab_size", "many"), ("qkv_bias", "yes"),
+     ("n_layers", True), ("emb_dim", float("inf"))],
+)
+def test_config_from_fields_names_the_bad_field(field, value):
+    with pytest.raises(ValueError) as err:
+        config_from_fields(**{**FIELDS, field: value})
+    assert field in str(err.value)
+
+
+def test_config_fields_are_every_field_in_the_source_order():
+    import dataclasses
+    assert CONFIG_FIELDS == tuple(f.name for f in dataclasses.fields(GPTConfig))
+    assert CONFIG_FIELDS[:7] == tuple(GPT_CONFIG_124M)  # the book's own order

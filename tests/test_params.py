@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from gptviz import PRESETS, GPTConfig, GPTModel
 from gptviz.params import (
     GROUPS,
-    config_from_fields,
     count_params,
     format_breakdown,
     memory_and_compute,
@@ -200,30 +199,6 @@ def test_nearest_preset():
         assert nearest_preset(PRESETS[name]).name == name
     assert nearest_preset(GPT3).name == "gpt2-xl" and nearest_preset(GPT3).ratio > 100
     assert nearest_preset(GPTConfig(emb_dim=64, n_heads=4, n_layers=1)).name == "gpt2"
-
-
-# --------------------------------------------------------------------------- UI field values
-
-
-FIELDS = dict(vocab_size=50257, context_length=1024, emb_dim=768, n_heads=12, n_layers=12, drop_rate=0.1,
-              qkv_bias=False, tie_weights=False)
-
-
-def test_config_from_fields_accepts_integral_floats():
-    cfg = config_from_fields(**{**FIELDS, "emb_dim": 768.0, "n_layers": 12.0, "vocab_size": "50257"})
-    assert cfg == SEED and isinstance(cfg.emb_dim, int)
-
-
-@pytest.mark.parametrize(
-    "field, value",
-    [("emb_dim", 768.5), ("n_layers", None), ("vocab_size", 0), ("context_length", -3), ("n_heads", float("nan")),
-     ("n_heads", 7), ("drop_rate", 1.0), ("drop_rate", None), ("vocab_size", "many"), ("qkv_bias", "yes"),
-     ("n_layers", True), ("emb_dim", float("inf"))],
-)
-def test_config_from_fields_names_the_bad_field(field, value):
-    with pytest.raises(ValueError) as err:
-        config_from_fields(**{**FIELDS, field: value})
-    assert field in str(err.value)
 
 
 def test_absurd_configuration_is_refused_with_a_message():

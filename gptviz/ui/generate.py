@@ -1,0 +1,364 @@
+"""The Generate view: step through greedy generation one token at a time, with the candidates,
+the KV-cache readout, attention heatmaps of any block and head, and the logit lens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple
+
+import gradio as gr
+import plotly.graph_objects as go
+import torch
+
+from .. import plots
+from ..formatting import nbytes, percent
+from ..generation import GenerationSession
+from ..params import kv_bytes_per_token
+from ..tokenizer import encode, get_encoding, label
+from .html import chips_html, esc, md_code, note
+from .inputs import index, prompt_ids
+from .outputs import components, skip
+from .serving import AppContext, Visitor, error
+
+DEFAULT_PROMPT = "Hello, I am"
+HEATMAP_HEIGHT, GRID_HEIGHT, TOPK_HEIGHT, LENS_HEIGHT = 520, 720, 380, 500
+FIRST_MESSAGE = "Press Step to generate the next token"
+
+
+class Main(NamedTuple):
+    """What every action (Step, Step ×N, Undo, Reset) redraws at once."""
+
+    gen_text: str
+    topk: go.Figure
+    heatmap: go.Figure
+    kv: str
+    step_json: dict
+
+    @classmethod
+    def blank(cls, message: str) -> "Main":
+        return cls(note(message), plots.empty_figure(message, height=TOPK_HEIGHT),
+                   plots.empty_figure(message, height=HEATMAP_HEIGHT), "", {})
+
+
+class Details(NamedTuple):
+    """Drawn right after :class:`Main` (further down the page)."""
+
+    heatmap_avg: go.Figure
+    grid: go.Figure
+    lens: go.Figure
+
+    @classmethod
+    def blank(cls, message: str) -> "Details":
+        return cls(plots.empty_figure(message, height=HEATMAP_HEIGHT), plots.empty_figure(message, height=GRID_HEIGHT),
+                   plots.empty_figure(message, height=LENS_HEIGHT))
+
+
+class Heads(NamedTuple):
+    """The block or head sliders moved."""
+
+    heatmap: go.Figure
+    heatmap_avg: go.Figure
+    grid: go.Figure
+
+
+@dataclass(frozen=True)
+class _Attention:
+    """One layer's attention over the displayed window, ready to plot."""
+
+    layer: int
+    weights: torch.Tensor  # (n_heads, W, W), row = query, column = key
+    positions: list[int]  # absolute positions of the W tokens
+    labels: list[str]  # their display pieces
+    span: str  # "tokens 0–14", for titles
+
+
+def _lens_height(n_layers: int) -> int:
+    """Room for two lines of text per block (taller for the larger GPT-2s)."""
+    return max(LENS_HEIGHT, 170 + 28 * n_layers)
+
+
+class GenerateView:
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+        self.c: dict[str, Any] = {}
+
+    # --------------------------------------------------------------- the session
+    def session(self, v: Visitor, prompt: str | None) -> GenerationSession:
+        """The visitor's session for this prompt: the current one, or a new one if the prompt
+        changed or none exists yet. Call with ``v.lock`` held."""
+        s = self.ctx.settings
+        ids = prompt_ids(prompt, s)
+        if v.session is None or v.session.prompt_ids != ids:
+            model, enc = self.ctx.model(v), get_encoding()
+            if model.cfg.vocab_size != enc.n_vocab:
+                raise error(f"This model's vocab_size is {model.cfg.vocab_size:,}; generating with the GPT-2 "
+                            f"tokenizer needs {enc.n_vocab:,}. Build a model with vocab_size {enc.n_vocab}.")
+            if v.released:
+                v.released = False
+                gr.Warning("Your generation session was the longest idle and was released to make room for other "
+                           "visitors: it starts again from the prompt.")
+            v.session = GenerationSession(model, enc, ids, top_k=s.top_k, attn_window=s.attn_window)
+            self.ctx.visitors.admit(v)
+        return v.session
+
+    def _step_once(self, v: Visitor, prompt: str | None) -> None:
+        """One greedy token for the visitor (``v.lock`` held); warns once when cropping starts."""
+        s = self.session(v, prompt)
+        limit = self.ctx.settings.max_session_tokens
+        if len(s.ids) >= limit:
+            raise error(f"This session has {len(s.ids):,} tokens; the limit is {limit:,}. "
+                        "Press Reset to start again from the prompt.")
+        s.step(1)
+        if s.steps[-1].cropped and (len(s.steps) == 1 or not s.steps[-2].cropped):
+            ctx = s.model.cfg.context_length
+            gr.Warning(f"The text is now longer than the model's context ({ctx} tokens): each step sees only the "
+                       f"last {ctx} tokens, as the source's generate_text_simple crops.")
+
+    # --------------------------------------------------------------- words and figures
+    def _text_html(self, s: GenerationSession) -> str:
+        """The growing text: prompt chips, then generated chips (the newest outlined)."""
+        ids, n_prompt, ctx = s.ids, len(s.prompt_ids), s.model.cfg.context_length
+        legend = (f'<div class="legend"><span class="chip">prompt</span> <span class="chip gen">generated</span> '
+                  f"&nbsp;{n_prompt} prompt + {len(s.steps)} generated tokens")
+        if len(ids) > ctx:
+            legend += f" · dimmed tokens lie outside the model's context of {ctx}"
+        chips = chips_html(ids, limit=self.ctx.settings.max_chips, generated_from=n_prompt,
+                           unseen_before=max(0, len(ids) - ctx))
+        return chips + legend + "</div>"
+
+    @staticmethod
+    def _this_step(s: GenerationSession) -> str:
+        """The last step in words: what it read and chose, the runner-up, and from which block on
+        the logit lens already predicts the choice (Markdown)."""
+        r = s.steps[-1]
+        chosen = next((c for c in r.candidates if c.token_id == r.token_id), None)
+        text = f"**Step {len(s.steps)}** read {r.context_len} tokens and chose {md_code(label(r.token_id))}"
+        if chosen is not None:
+            text += f" (p = {percent(chosen.prob)})"
+        runner_up = next((c for c in r.candidates if c.token_id != r.token_id), None)
+        if runner_up is not None:
+            text += f", ahead of {md_code(label(runner_up.token_id))} ({percent(runner_up.prob)})"
+        if r.lens:
+            first = len(r.lens)
+            while first > 0 and r.lens[first - 1].token_id == r.token_id:
+                first -= 1
+            last = len(r.lens) - 1
+            text += (". Logit lens: every block already predicts it" if first == 0 else
+                     ". Logit lens: only the last block predicts it" if first >= last else
+                     f". Logit lens: blocks {first}–{last} predict it")
+        return text + "."
+
+    def _kv_readout(self, s: GenerationSession) -> str:
+        """What the KV cache holds and the work the last step saved."""
+        cfg, size = s.model.cfg, s.model.dtype.itemsize
+        per_token = kv_bytes_per_token(cfg, size)
+        formula = (f"2 (K, V) × {cfg.n_layers} blocks × {cfg.n_heads} heads × {cfg.head_dim} dims × {size} B "
+                   f"= {per_token:,} B per token")
+        if not s.steps and s.cache_tokens:  # back at the prompt after Reset: the prompt's keys and values stay
+            return (f"**KV cache:** {s.cache_tokens:,} prompt tokens cached = {nbytes(s.cache_tokens * per_token)}; "
+                    f"the next Step reuses them.  \n{formula}")
+        if not s.steps:
+            return (f"**KV cache:** empty. The first Step runs the {len(s.ids)} prompt tokens through the model "
+                    f"(a prefill) and keeps their keys and values; every later Step computes 1 position.  \n{formula}")
+        r = s.steps[-1]
+        if r.positions_computed < r.context_len:
+            plural = "s" if r.positions_computed > 1 else ""
+            work = (f"**This step computed {r.positions_computed} position{plural} instead of {r.context_len}**: "
+                    f"the other {r.context_len - r.positions_computed} came from the cache.")
+        elif r.cropped:
+            work = (f"**This step computed all {r.positions_computed} positions**: the text overflows the context, "
+                    "cropping shifts every position, so cached keys and values no longer fit (the source recomputes "
+                    "every step).")
+        else:
+            work = (f"**This step computed all {r.positions_computed} positions** (a prefill: there was no cache to "
+                    "reuse).")
+        return (f"{self._this_step(s)}\n\n"
+                f"**KV cache:** {r.cache_tokens:,} tokens cached = {nbytes(r.cache_tokens * per_token)} of keys "
+                f"and values ({nbytes(r.cache_bytes)} allocated, grown in chunks) · {formula}  \n"
+                f"{work} Step time {r.ms:.0f} ms. The Inside tab shows the cache layer by layer.")
+
+    @staticmethod
+    def _topk_figure(s: GenerationSession) -> go.Figure:
+        if not s.steps:
+            return plots.empty_figure("Press Step to see the next-token candidates", height=TOPK_HEIGHT)
+        r, enc = s.steps[-1], get_encoding()
+        read = label(s.ids[r.position - 1], enc, 20)
+        return plots.topk_figure(
+            [label(c.token_id, enc, 20) for c in r.candidates], [c.prob for c in r.candidates],
+            [c.token_id for c in r.candidates], chosen=0, height=TOPK_HEIGHT,
+            title=f"Step {len(s.steps)}: after “{read}” the model picks “{label(r.token_id, enc, 20)}”",
+        )
+
+    def _attention(self, s: GenerationSession, layer: int) -> _Attention:
+        weights, positions = s.attention(layer, self.ctx.settings.attn_window)
+        span = f"tokens {positions[0]}–{positions[-1]}" + (f" (last {len(positions)})" if positions[0] > 0 else "")
+        span += f", read by step {len(s.steps)}" if s.steps else ", the prompt"
+        return _Attention(layer, weights.float().cpu(), positions, [label(s.ids[p]) for p in positions], span)
+
+    @staticmethod
+    def _heatmap(a: _Attention, head: int) -> go.Figure:
+        return plots.attention_figure(a.weights[head], a.labels, a.positions, height=HEATMAP_HEIGHT,
+                                      title=f"Block {a.layer}, head {head} · {a.span}")
+
+    @staticmethod
+    def _layer_figures(a: _Attention) -> tuple[go.Figure, go.Figure]:
+        """(head average, all-heads grid) of one layer."""
+        n_heads = a.weights.shape[0]
+        avg = plots.attention_figure(a.weights.mean(0), a.labels, a.positions, height=HEATMAP_HEIGHT,
+                                     title=f"Block {a.layer}, average of {n_heads} heads · {a.span}")
+        grid = plots.attention_grid_figure(a.weights, a.labels, a.positions, height=GRID_HEIGHT,
+                                           title=f"Block {a.layer}: all {n_heads} heads · {a.span}")
+        return avg, grid
+
+    def _lens_figure(self, s: GenerationSession) -> go.Figure:
+        if not s.steps:
+            return plots.empty_figure("Press Step to see what every block would predict (logit lens)",
+                                      height=LENS_HEIGHT)
+        enc = get_encoding()
+        first = max(0, len(s.steps) - self.ctx.settings.lens_steps)
+        steps = s.steps[first:]
+        read = [label(s.ids[r.position - 1], enc, 10) for r in steps]
+        return plots.logit_lens_figure(
+            [[label(e.token_id, enc, 24) for e in r.lens] for r in steps], [[e.prob for e in r.lens] for r in steps],
+            read, height=_lens_height(len(steps[-1].lens)),
+            title=f"Logit lens: each block's top-1 next token, steps {first + 1}–{len(s.steps)}",
+        )
+
+    @staticmethod
+    def step_data(v: Visitor) -> dict:
+        """Everything a step produced, as plain data (the API's view of the session)."""
+        s = v.session
+        data: dict[str, Any] = dict(model=v.spec.label, ids=s.ids, prompt_tokens=len(s.prompt_ids), text=s.text,
+                                    steps=len(s.steps))
+        if s.steps:
+            r = s.steps[-1]
+            data["last_step"] = dict(
+                token_id=r.token_id, piece=r.piece, cropped=r.cropped, context_len=r.context_len,
+                positions_computed=r.positions_computed, cache_tokens=r.cache_tokens, cache_bytes=r.cache_bytes,
+                ms=round(r.ms, 2), candidates=[[c.token_id, c.piece, round(c.prob, 6)] for c in r.candidates],
+                lens=[[e.layer, e.token_id, e.piece, round(e.prob, 6)] for e in r.lens],
+            )
+        return data
+
+    def _main(self, v: Visitor, layer: Any, head: Any) -> Main:
+        s = v.session
+        cfg = s.model.cfg
+        layer, head = index(layer, cfg.n_layers), index(head, cfg.n_heads)
+        return Main(self._text_html(s), self._topk_figure(s), self._heatmap(self._attention(s, layer), head),
+                    self._kv_readout(s), self.step_data(v))
+
+    # --------------------------------------------------------------- handlers (events)
+    def step(self, prompt: str, layer: Any, head: Any, request: gr.Request) -> Main:
+        """One greedy token."""
+        v = self.ctx.visitor(request)
+        with v.lock:
+            self._step_once(v, prompt)
+            return self._main(v, layer, head)
+
+    def step_n(self, prompt: str, n: Any, layer: Any, head: Any, request: gr.Request) -> Iterator[Main]:
+        """N greedy tokens, yielding the view after each (streamed to the browser)."""
+        try:
+            count = int(n)
+        except (TypeError, ValueError, OverflowError):
+            raise error(f"Step ×N needs a whole number of steps, got {n!r}.") from None
+        limit = self.ctx.settings.max_steps_per_click
+        if not 1 <= count <= limit:
+            raise error(f"Step ×N takes 1 to {limit} steps per click, got {count}.")
+        v = self.ctx.visitor(request)
+        for _ in range(count):
+            with v.lock:
+                self._step_once(v, prompt)
+                view = self._main(v, layer, head)
+            yield view
+
+    def undo(self, layer: Any, head: Any, request: gr.Request) -> Main:
+        """Remove the last generated token (a warning, nothing else, at the start)."""
+        v = self.ctx.visitor(request)
+        with v.lock:
+            if v.session is None or not v.session.steps:
+                gr.Warning("Nothing to undo: only the prompt is left.")
+                return skip(Main)
+            v.session.undo()
+            return self._main(v, layer, head)
+
+    def reset(self, prompt: str, layer: Any, head: Any, request: gr.Request) -> Main:
+        """Back to the prompt (the prompt box's current text)."""
+        v = self.ctx.visitor(request)
+        with v.lock:
+            self.session(v, prompt).reset()
+            return self._main(v, layer, head)
+
+    def details(self, layer: Any, request: gr.Request) -> Details:
+        """(head average, all-heads grid, logit lens): drawn after the main view of each action."""
+        v = self.ctx.visitor(request)
+        with v.lock:
+            s = v.session
+            if s is None:
+                return skip(Details)
+            return Details(*self._layer_figures(self._attention(s, index(layer, s.model.cfg.n_layers))),
+                           self._lens_figure(s))
+
+    def attention(self, layer: Any, head: Any, request: gr.Request) -> Heads:
+        """The chosen layer and head changed: (heatmap, head average, all-heads grid)."""
+        v = self.ctx.visitor(request)
+        with v.lock:
+            s = v.session
+            if s is None:
+                return skip(Heads)
+            cfg = s.model.cfg
+            a = self._attention(s, index(layer, cfg.n_layers))
+            return Heads(self._heatmap(a, index(head, cfg.n_heads)), *self._layer_figures(a))
+
+    # --------------------------------------------------------------- layout and wiring
+    def build(self) -> dict[str, Any]:
+        s, c = self.ctx.settings, self.c
+        cfg0 = self.ctx.default_spec.cfg
+        n_layers, n_heads = (cfg0.n_layers, cfg0.n_heads) if cfg0 is not None else (12, 12)
+        main, details = Main.blank(FIRST_MESSAGE), Details.blank(FIRST_MESSAGE)
+        with gr.Row(equal_height=True):
+            c["prompt"] = gr.Textbox(DEFAULT_PROMPT, label="Prompt", scale=4, elem_id="gen-prompt",
+                                     info="editing the prompt starts a new session at the next Step")
+            c["n_steps"] = gr.Slider(1, s.max_steps_per_click, value=8, step=1, label="N for Step ×N", scale=2,
+                                     elem_id="stepn-count")
+        with gr.Row():
+            c["step_btn"] = gr.Button("Step", variant="primary", elem_id="step-btn")
+            c["stepn_btn"] = gr.Button("Step ×N", elem_id="stepn-btn")
+            c["undo_btn"] = gr.Button("Undo", elem_id="undo-btn")
+            c["reset_btn"] = gr.Button("Reset", elem_id="reset-btn")
+        with gr.Row():
+            with gr.Column(scale=3):
+                preview = chips_html(encode(DEFAULT_PROMPT), limit=s.max_chips) + \
+                    '<div class="legend">the prompt, as tokens · press Step to generate the next one</div>'
+                c["gen_text"] = gr.HTML(preview, elem_id="gen-text", padding=True, min_height=120)
+                c["kv"] = gr.Markdown(main.kv, elem_id="kv-readout")
+            with gr.Column(scale=2):
+                c["topk"] = gr.Plot(main.topk, show_label=False, elem_id="topk-plot")
+        with gr.Row():
+            c["layer"] = gr.Slider(0, max(1, n_layers - 1), value=0, step=1, label="Block (layer)",
+                                   elem_id="layer-slider")
+            c["head"] = gr.Slider(0, max(1, n_heads - 1), value=0, step=1, label="Head", elem_id="head-slider")
+        with gr.Row():
+            c["heatmap"] = gr.Plot(main.heatmap, show_label=False, elem_id="heatmap")
+            c["heatmap_avg"] = gr.Plot(details.heatmap_avg, show_label=False, elem_id="heatmap-avg")
+        c["grid"] = gr.Plot(details.grid, show_label=False, elem_id="heads-grid")
+        c["lens"] = gr.Plot(details.lens, show_label=False, elem_id="lens-plot")
+        with gr.Accordion("Raw data of the last step (what the step API returns)", open=False,
+                          elem_id="step-json-acc"):
+            c["step_json"] = gr.JSON(main.step_json, elem_id="step-json", show_label=False)
+        return c
+
+    def wire(self) -> None:
+        c, ctx = self.c, self.ctx
+        main, event = components(Main, c), ctx.model_event
+        after = dict(fn=ctx.turns(self.details), inputs=[c["layer"]], outputs=components(Details, c),
+                     api_visibility="private", **event)
+        c["step_btn"].click(ctx.turns(self.step), [c["prompt"], c["layer"], c["head"]], main, api_name="step",
+                            **event).success(**after)
+        c["stepn_btn"].click(ctx.turns(self.step_n), [c["prompt"], c["n_steps"], c["layer"], c["head"]], main,
+                             api_name="step_n", **event).success(**after)
+        c["undo_btn"].click(ctx.turns(self.undo), [c["layer"], c["head"]], main, api_name="undo",
+                            **event).success(**after)
+        c["reset_btn"].click(ctx.turns(self.reset), [c["prompt"], c["layer"], c["head"]], main, api_name="reset",
+                             **event).success(**after)
+        gr.on([c["layer"].input, c["head"].input], ctx.turns(self.attention), [c["layer"], c["head"]],
+              components(Heads, c), api_name="attention", trigger_mode="always_last", **event)

@@ -1,0 +1,67 @@
+"""The page: theme, header, tabs, and the few wirings between views, in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from .generate import GenerateView
+from .inside import InsideView
+from .model import ModelView
+from .parameters import ParametersView
+from .serving import AppContext
+from .tokenizer import TokenizerView
+
+STYLE = Path(__file__).with_name("style.css")
+THEME = gr.themes.Soft(
+    primary_hue="indigo", secondary_hue="teal", neutral_hue="slate",
+    font=("ui-sans-serif", "system-ui", "Segoe UI", "Roboto", "Helvetica Neue", "Arial", "sans-serif"),
+    font_mono=("ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"),
+)
+HEADER = ("# gptviz · GPT-2 from the inside\nSee the tokens, step through greedy generation one token at a time "
+          "with attention and logit lens, look inside the forward pass (shapes beside the code, head ablation, "
+          "precision, KV cache) and count the parameters of any configuration.")
+
+
+def launch_kwargs(ctx: AppContext | None = None) -> dict[str, Any]:
+    """Arguments for ``demo.launch``: Gradio 6 takes the theme and CSS there. No run history:
+    the browser would store every step's figures and each click would grow slower (~10 → 170 ms
+    before the request leaves the page after 40 steps). No share link (a public tunnel) unless
+    the operator asks."""
+    return dict(theme=THEME, css_paths=[STYLE], run_history=False, share=False)
+
+
+def build_page(ctx: AppContext) -> gr.Blocks:
+    """Lay out every view in its tab, wire each view's own events, then the cross-view ones."""
+    tokenizer, generate, inside = TokenizerView(ctx), GenerateView(ctx), InsideView(ctx)
+    parameters, model = ParametersView(ctx), ModelView(ctx)
+    with gr.Blocks(title="gptviz: GPT-2 from the inside") as demo:
+        gr.Markdown(HEADER, elem_id="header")
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Tokenizer", id="tokenizer", elem_id="tab-tokenizer"):
+                tokenizer.build()
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                generate.build()
+            with gr.Tab("Inside", id="inside", elem_id="tab-inside") as inside_tab:
+                inside.build()
+            with gr.Tab("Parameters", id="parameters", elem_id="tab-parameters"):
+                parameters.build()
+            with gr.Tab("Model", id="model", elem_id="tab-model"):
+                model.build()
+        tokenizer.wire()
+        generate.wire()
+        parameters.wire()
+        # Between views: the Inside view traces the Generate view's text when its tab opens; a
+        # model switch resets the Generate view; "Build random weights" reads the Parameters form.
+        inside.wire(inside_tab, generate.c["prompt"])
+        model.wire(demo, generate.c, parameters.fields)
+
+        def release(request: gr.Request) -> None:
+            """A tab closed: free its visitor's generation session now (not an hour later)."""
+            ctx.visitors.release(request.session_hash)
+
+        demo.unload(release)
+    demo.queue(default_concurrency_limit=4, max_size=64)
+    return demo

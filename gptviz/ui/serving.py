@@ -1,0 +1,322 @@
+"""The app context: the shared models, the visitors, the turns they take on the model, the settings.
+
+One :class:`AppContext` serves the whole page. The views hold it (never a module global), so a
+test builds a context with its own :class:`~gptviz.settings.Settings` and calls the handlers
+directly. Everything here is about serving many visitors from one process:
+
+* :class:`ModelStore`: models shared read-only by every visitor, built once per
+  :class:`ModelSpec`, least recently used dropped.
+* :class:`Visitors`: one :class:`Visitor` per browser tab (Gradio's ``session_hash``), with
+  its chosen model and :class:`~gptviz.generation.GenerationSession`; bounded in number and
+  idle time, released the moment the tab closes (Gradio's ``unload`` event).
+* :meth:`AppContext.turns`: model work takes turns on one lock, wrapped around each handler
+  when its event is wired. On a CPU torch already uses every core for one step; two at once
+  only slow each other down. A generator (Step ×N) takes a turn per item.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import inspect
+import sys
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import gradio as gr
+import torch
+
+from ..config import PRESETS, GPTConfig
+from ..generation import GenerationSession
+from ..inside import low_precision_copy
+from ..model import GPTModel
+from ..settings import DTYPES, RANDOM, SEED, Settings
+from ..weights import WeightsError, estimated_bytes, is_allowed_name, load_pretrained
+
+__all__ = ["ModelSpec", "ModelStore", "Visitor", "Visitors", "AppContext", "build_model", "error"]
+
+
+def error(message: str) -> gr.Error:
+    """A message for the visitor (no traceback in the server log: it is their input, not a bug)."""
+    return gr.Error(message, print_exception=False)
+
+
+# --------------------------------------------------------------------------- shared models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a shared model is made from; the key of the :class:`ModelStore`."""
+
+    source: str  # RANDOM, a released GPT-2 name, or an operator's checkpoint path / repo id
+    cfg: GPTConfig | None = None  # the configuration of random weights
+    dtype: str = "float32"
+
+    @property
+    def preset(self) -> str | None:
+        """The preset name of random weights' configuration (None if custom or not random)."""
+        return next((n for n, c in PRESETS.items() if c == self.cfg), None)
+
+    @property
+    def label(self) -> str:
+        if self.source == RANDOM:
+            return f"random weights (seed {SEED}), {self.preset or 'custom configuration'}, {self.dtype}"
+        if is_allowed_name(self.source):
+            return f"{self.source}, {self.dtype}"
+        return f"the operator's checkpoint, {self.dtype}"  # never show a server path to visitors
+
+    def weight_bytes(self) -> int | None:
+        """Estimated bytes of the loaded model; None for an operator's path (its size is unknown)."""
+        if self.source == RANDOM:
+            return estimated_bytes(self.cfg, DTYPES[self.dtype])
+        if is_allowed_name(self.source):
+            return estimated_bytes(self.source, DTYPES[self.dtype])
+        return None
+
+    @classmethod
+    def default(cls, settings: Settings) -> "ModelSpec":
+        """The model every visitor starts with: ``GPTVIZ_WEIGHTS`` in ``GPTVIZ_DTYPE``."""
+        if settings.weights == RANDOM:
+            return cls(RANDOM, PRESETS["seed-124M"], settings.dtype)
+        return cls(settings.weights, None, settings.dtype)
+
+
+_SEED_LOCK = threading.Lock()  # seeding and initialising a random model is one atomic act
+
+
+def build_model(spec: ModelSpec, device: torch.device) -> GPTModel:
+    """Make the model a spec describes, on ``device``, in eval mode."""
+    dtype = DTYPES[spec.dtype]
+    if spec.source != RANDOM:
+        return load_pretrained(spec.source, device=device, dtype=dtype)
+    with _SEED_LOCK, torch.random.fork_rng(devices=[]):  # seeded init, without disturbing anyone's RNG
+        torch.manual_seed(SEED)
+        model = GPTModel(spec.cfg)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+class ModelStore:
+    """Models shared read-only by every visitor, least recently used dropped beyond ``capacity``.
+
+    A model is built once: concurrent requests for the same spec wait for the first build.
+    Sessions hold a reference to their model, so dropping it here never breaks a visitor.
+    The precision view's low-precision copies are kept here too (:meth:`low_precision`), at
+    most one per dtype and model, dropped with their model.
+    """
+
+    def __init__(self, build: Callable[[ModelSpec], GPTModel], capacity: int = 3) -> None:
+        self.build, self.capacity = build, capacity
+        self._lock = threading.Lock()
+        self._models: OrderedDict[ModelSpec, Future] = OrderedDict()
+        self._low: dict[tuple[ModelSpec, torch.dtype], Future] = {}
+
+    def _once(self, table: dict, key: Any, make: Callable[[], GPTModel]) -> GPTModel:
+        """``table[key]``: made by ``make()`` for the first caller; the others wait for it."""
+        with self._lock:
+            future = table.get(key)
+            owner = future is None
+            if owner:
+                future = table[key] = Future()
+        if owner:
+            try:
+                future.set_result(make())
+            except BaseException as e:
+                future.set_exception(e)
+                with self._lock:
+                    table.pop(key, None)
+        return future.result()
+
+    def get(self, spec: ModelSpec) -> GPTModel:
+        model = self._once(self._models, spec, lambda: self.build(spec))
+        with self._lock:
+            if spec in self._models:
+                self._models.move_to_end(spec)
+            while len(self._models) > self.capacity:
+                dropped, _ = self._models.popitem(last=False)
+                for key in [k for k in self._low if k[0] == dropped]:
+                    del self._low[key]
+        return model
+
+    def low_precision(self, spec: ModelSpec, dtype: torch.dtype) -> GPTModel:
+        """A ``dtype`` copy of the shared model of ``spec``, made once and dropped with the model."""
+        model = self.get(spec)
+        low = self._once(self._low, (spec, dtype), lambda: low_precision_copy(model, dtype))
+        with self._lock:
+            if spec not in self._models:  # the model was dropped meanwhile: so is its copy
+                self._low.pop((spec, dtype), None)
+        return low
+
+    def __contains__(self, spec: ModelSpec) -> bool:
+        with self._lock:
+            future = self._models.get(spec)
+        return future is not None and future.done() and future.exception() is None
+
+
+# --------------------------------------------------------------------------- visitors
+
+
+@dataclass(eq=False)
+class Visitor:
+    """One browser tab: its chosen model and its generation session (no model copy)."""
+
+    spec: ModelSpec
+    session: GenerationSession | None = None  # holds a reference to the shared model, never a copy
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one event at a time
+    last_used: float = field(default_factory=time.monotonic)  # of its last event
+    released: bool = False  # its session was dropped to make room for others (said at its next Step)
+
+
+_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the system: glibc keeps it for reuse, so without
+    ``malloc_trim`` the process would stay at its peak size after sessions end."""
+    if hasattr(_LIBC, "malloc_trim"):  # glibc only
+        _LIBC.malloc_trim(0)
+
+
+class Visitors:
+    """The visitors by Gradio session (one per browser tab or ``gradio_client.Client``).
+
+    Bounded three ways: at most ``max_sessions`` visitors (least recently used forgotten), an
+    idle visitor is forgotten after ``ttl_s``, and at most ``max_live`` keep a generation
+    session (KV cache and history) at once — beyond that the longest idle one that is not busy
+    drops its session and is told so at its next Step.
+    """
+
+    def __init__(self, default_spec: ModelSpec, max_sessions: int, max_live: int, ttl_s: float) -> None:
+        self.default_spec = default_spec
+        self.max_sessions, self.max_live, self.ttl_s = max_sessions, max_live, ttl_s
+        self._lock = threading.Lock()
+        self._by_id: OrderedDict[str, Visitor] = OrderedDict()
+
+    def get(self, session_id: str) -> Visitor:
+        """The visitor of a session, made on its first event."""
+        now = time.monotonic()
+        with self._lock:
+            v = self._by_id.get(session_id)
+            if v is None:
+                v = self._by_id[session_id] = Visitor(self.default_spec)
+            self._by_id.move_to_end(session_id)
+            v.last_used = now
+            stale = [k for k, u in self._by_id.items() if now - u.last_used > self.ttl_s]
+            stale += list(self._by_id)[: max(0, len(self._by_id) - len(stale) - self.max_sessions)]
+            dropped = [self._by_id.pop(k) for k in dict.fromkeys(stale) if k != session_id]
+        for u in dropped:
+            self._free(u)
+        if dropped:
+            _trim_heap()
+        return v
+
+    def release(self, session_id: str) -> None:
+        """A tab closed: forget its visitor and free its generation session now."""
+        with self._lock:
+            v = self._by_id.pop(session_id, None)
+        if v is not None:
+            self._free(v)
+        _trim_heap()
+
+    @staticmethod
+    def _free(v: Visitor) -> None:
+        if v.lock.acquire(blocking=False):  # a busy one is freed when its running event ends
+            v.session = None
+            v.lock.release()
+
+    def admit(self, v: Visitor) -> None:
+        """``v`` has a new generation session: beyond ``max_live``, the least recently used others
+        that are not busy drop theirs (their KV cache and history: the memory)."""
+        with self._lock:
+            others = sorted((u for u in self._by_id.values() if u is not v and u.session is not None),
+                            key=lambda u: u.last_used)
+        excess = len(others) + 1 - self.max_live
+        for u in others:
+            if excess <= 0:
+                break
+            if u.lock.acquire(blocking=False):
+                u.session, u.released = None, True
+                u.lock.release()
+                excess -= 1
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._by_id)
+
+    def live_sessions(self) -> int:
+        with self._lock:
+            return sum(v.session is not None for v in self._by_id.values())
+
+
+# --------------------------------------------------------------------------- the context
+
+
+class AppContext:
+    """Everything the views share: settings, models, visitors and the model's turns."""
+
+    def __init__(self, settings: Settings | None = None, default_spec: ModelSpec | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.device = self.settings.torch_device
+        self.default_spec = default_spec or ModelSpec.default(self.settings)
+        self.models = ModelStore(lambda spec: build_model(spec, self.device), self.settings.model_store_capacity)
+        s = self.settings
+        self.visitors = Visitors(self.default_spec, s.max_sessions, s.max_live_sessions, s.session_ttl_s)
+        self.turn = threading.Lock()  # one unit of model work at a time
+
+    # --- visitors and their models
+    def visitor(self, request: Any) -> Visitor:
+        """The visitor of a Gradio request (``request.session_hash``; a test passes any object with one)."""
+        session_id = getattr(request, "session_hash", None) or "anonymous"
+        return self.visitors.get(session_id)
+
+    def model(self, v: Visitor) -> GPTModel:
+        """The visitor's shared model (built or loaded on first use); a message if it cannot be had."""
+        try:
+            return self.models.get(v.spec)
+        except WeightsError as e:
+            raise error(f"Could not load {v.spec.label}: {e}") from None
+
+    def preload(self) -> threading.Thread:
+        """Build the start-up model in the background so the first Step does not wait for it."""
+        def run() -> None:
+            try:
+                self.models.get(self.default_spec)
+            except Exception as e:  # reported to the visitor on first use; the app keeps serving
+                print(f"gptviz: could not preload {self.default_spec.label}: {e}")
+
+        thread = threading.Thread(target=run, name="gptviz-preload", daemon=True)
+        thread.start()
+        return thread
+
+    # --- turns on the model
+    @property
+    def model_event(self) -> dict[str, Any]:
+        """Event arguments of model work: admitted ``model_concurrency`` at once (they then take
+        turns through :meth:`turns`), without Gradio's progress overlay."""
+        return dict(concurrency_id="model", concurrency_limit=self.settings.model_concurrency,
+                    show_progress="hidden")
+
+    def turns(self, fn: Callable) -> Callable:
+        """``fn`` run under the model's turn lock; for a generator, each item under it (free in
+        between, so a Step ×N lets other visitors' Steps run between its steps)."""
+        lock = self.turn
+        if inspect.isgeneratorfunction(fn):
+            @functools.wraps(fn)
+            def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                items = fn(*args, **kwargs)
+                while True:
+                    with lock:
+                        item = next(items, StopIteration)
+                    if item is StopIteration:
+                        return
+                    yield item
+            return stream
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return fn(*args, **kwargs)
+        return call
