@@ -62,3 +62,33 @@ def assert_clear_top1(logits: torch.Tensor, margin: float = TOP1_MARGIN) -> None
     worst = int(gaps.argmin())
     assert gaps[worst] > margin, (f"near-tie at row {worst}: top-1 leads by only {gaps[worst].item():.2e} "
                                   f"(< {margin}); choose inputs whose greedy choices are clearly separated")
+
+
+# --------------------------------------------------------------------------- the app (gptviz.ui)
+
+
+def visit(session_hash: str):
+    """What a handler reads from Gradio's request: one ``session_hash`` is one visitor (browser tab)."""
+    import types
+
+    return types.SimpleNamespace(session_hash=session_hash)
+
+
+@pytest.fixture
+def make_ctx(tiny_cfg):
+    """``make_ctx(cfg=None, **limits)``: a fresh AppContext on the CPU whose visitors start with
+    random weights (seed 123) of ``cfg`` (the tiny configuration by default), with those
+    :class:`~gptviz.settings.Settings` limits."""
+    from gptviz.settings import RANDOM, Settings
+    from gptviz.ui.serving import AppContext, ModelSpec
+
+    def make(cfg: GPTConfig | None = None, **limits) -> "AppContext":
+        return AppContext(Settings(device="cpu", **limits), default_spec=ModelSpec(RANDOM, cfg or tiny_cfg))
+
+    return make
+
+
+@pytest.fixture
+def ctx(make_ctx):
+    """A fresh AppContext on the tiny model with the default limits."""
+    return make_ctx()
