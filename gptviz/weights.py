@@ -1,11 +1,37 @@
-"""The released GPT-2 weights, loaded into the source's :class:`~gptviz.model.GPTModel`.
+"""Weights for :class:`~gptviz.model.GPTModel`: the released GPT-2 models, the book's own files,
+and checkpoints readers trained themselves.
 
-``load_pretrained("gpt2")`` downloads ``model.safetensors`` and ``config.json`` of
-``openai-community/gpt2`` (or ``-medium``, ``-large``, ``-xl``) through huggingface_hub
-into its standard cache (``HF_HOME``; a cached copy is used offline), and
-``load_pretrained(Path("ckpt/"))`` reads a local checkpoint in Hugging Face GPT-2 layout.
+What :func:`load_pretrained` reads:
 
-Hugging Face names → the source's names (``h.{i}`` is block ``i``):
+* a name of :data:`PRETRAINED_NAMES` (the visitors' allow-list), downloaded through
+  huggingface_hub into its standard cache (``HF_HOME``; a cached copy is used offline):
+
+  - ``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` (``openai-community/<name>``) and
+    ``distilgpt2`` (``distilbert/distilgpt2``, 6 blocks, 82M parameters): ``model.safetensors``
+    and ``config.json`` in Hugging Face GPT-2 layout;
+  - ``book:gpt2-small-124M``, ``book:gpt2-medium-355M``, ``book:gpt2-large-774M``,
+    ``book:gpt2-xl-1558M``: the book companion's conversion of the same weights to the book's
+    own names (``rasbt/gpt2-from-scratch-pytorch``, ``gpt2-small-124M.pth`` …), read as a
+    ``.pth`` below;
+
+* ``"hf:owner/name"`` (optionally ``"hf:owner/name@revision"``): any Hub repository in GPT-2
+  layout. This prefix is the operator's explicit way to the Hub (Python, ``GPTVIZ_WEIGHTS``);
+  a plain ``"owner/name"`` is a path, never a Hub id;
+
+* a local path: a directory holding ``model.safetensors`` and ``config.json``; a
+  ``.safetensors`` file (with ``config.json`` beside it, or else its configuration inferred from
+  its tensors, which may carry Hugging Face or the book's names); or a ``.pth`` / ``.pt`` file
+  saved the book's way, ``torch.save(model.state_dict(), "model.pth")`` or
+  ``torch.save({"model_state_dict": …, "optimizer_state_dict": …}, …)`` (the optimizer's state is
+  ignored). ``.pth`` files are read with ``torch.load(weights_only=True)``, PyTorch's restricted
+  unpickler: a file whose pickle asks for anything beyond tensors is refused and nothing in it
+  runs. Other pickles (``.bin``, ``.ckpt``, ``.pkl``) are refused unread.
+
+:func:`load_upload` is the visitors' door for one uploaded file (size limit first, then
+``.safetensors`` or ``.pth`` / ``.pt``, configuration always from the tensors, nothing beside
+the file read).
+
+Hugging Face names → the book's names (``h.{i}`` is block ``i``):
 
 =========================  ==========================================================
 ``wte`` / ``wpe``          ``tok_emb`` / ``pos_emb`` (``out_head`` is tied to ``tok_emb``)
@@ -18,20 +44,38 @@ Hugging Face names → the source's names (``h.{i}`` is block ``i``):
 =========================  ==========================================================
 
 GPT-2 stores its projections as ``Conv1D`` with weight shape ``(in, out)``, the transpose of
-``nn.Linear``'s ``(out, in)``. Only safetensors files are read — pickled ``.bin`` / ``.pt``
-checkpoints are refused, never unpickled.
+``nn.Linear``'s ``(out, in)``. The book's ``MultiHeadAttention`` keeps its causal ``mask`` as a
+persistent buffer, so its state dicts carry ``trf_blocks.{i}.att.mask``: checked (ones strictly
+above the diagonal) and dropped.
 
-Security: only the operator passes paths (Python, an environment variable). Anything a
-visitor chose must pass :func:`is_allowed_name` first; a string that is an allowed name
-always means the Hub model, and anything else is a path, never a Hub id.
+Configuration from the tensors (:func:`config_from_state_dict`, :func:`config_from_hf_shapes`):
+vocabulary and width from the token embedding, context from the position embedding, blocks
+from the block indices, ``qkv_bias`` from the query bias, a tied head when ``out_head.weight``
+is absent or equal to ``tok_emb.weight``. ``n_heads`` is not in any shape: it comes from the
+``n_heads`` argument, else from the released GPT-2 of the same width (:data:`GPT2_HEADS`),
+else :class:`NeedsHeadsError` asks for it.
+
+Every loaded model carries ``model.weights_source``, a :class:`WeightsSource` saying where its
+weights came from (Hub repo and revision, or file name and sha256, and the configuration).
+
+Security: only the operator passes paths and ``hf:`` ids (Python, an environment variable).
+Anything a visitor chose must pass :func:`is_allowed_name` first; a string that is an allowed
+name always means the Hub model. A visitor's upload goes through :func:`load_upload` only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
+import re
+import stat
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,25 +85,80 @@ from safetensors import SafetensorError, safe_open
 
 from .config import PRESETS, GPTConfig
 from .model import GPTModel, MultiHeadAttention
-from .settings import select_device
 from .params import count_params
+from .settings import SEED, Settings, select_device
 
 __all__ = [
     "PRETRAINED_NAMES",
+    "RELEASED_NAMES",
+    "BOOK_NAMES",
+    "GPT2_HEADS",
+    "Pretrained",
+    "WeightsSource",
     "WeightsError",
     "CheckpointError",
+    "NeedsHeadsError",
+    "TooLargeError",
     "is_allowed_name",
     "hub_repo_id",
+    "pretrained_info",
+    "pretrained_config",
     "config_from_hf",
+    "config_from_hf_shapes",
+    "config_from_state_dict",
     "estimated_bytes",
     "load_pretrained",
+    "load_upload",
+    "weights_source",
 ]
 
-#: The released GPT-2 models, smallest first (``openai-community/<name>`` on the Hub).
-PRETRAINED_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+BOOK_REPO = "rasbt/gpt2-from-scratch-pytorch"
+HF_PREFIX = "hf:"  # the operator's explicit way to any Hub repository
+_PTH_SUFFIXES = (".pth", ".pt")  # read with torch.load(weights_only=True)
+_PICKLE_SUFFIXES = (".bin", ".ckpt", ".pkl")  # refused unread
+_ALL_PICKLES = _PICKLE_SUFFIXES + _PTH_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """One entry of the allow-list: where its file lies and the model it holds."""
+
+    name: str  # as visitors see and choose it
+    repo_id: str  # Hugging Face Hub repository
+    filename: str  # the weights file in it
+    layout: str  # "hf": model.safetensors + config.json; "book": the book's state dict (.pth)
+    config: GPTConfig  # what the file holds (estimated_bytes works before downloading)
+
+
+def _released(name: str, repo_id: str, cfg: GPTConfig) -> Pretrained:
+    return Pretrained(name, repo_id, WEIGHTS_FILE, "hf", cfg)
+
+
+def _book(size: str, preset: str) -> Pretrained:
+    # The book's conversion copies wte into out_head: equal tensors, loaded tied.
+    return Pretrained(f"book:gpt2-{size}", BOOK_REPO, f"gpt2-{size}.pth", "book", PRESETS[preset])
+
+
+_PRETRAINED: dict[str, Pretrained] = {
+    p.name: p
+    for p in (
+        *(_released(n, f"openai-community/{n}", PRESETS[n]) for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")),
+        _released("distilgpt2", "distilbert/distilgpt2", PRESETS["gpt2"].replace(n_layers=6)),
+        _book("small-124M", "gpt2"),
+        _book("medium-355M", "gpt2-medium"),
+        _book("large-774M", "gpt2-large"),
+        _book("xl-1558M", "gpt2-xl"),
+    )
+}
+#: The Hugging Face GPT-2 checkpoints of the allow-list, in the order the app lists them.
+RELEASED_NAMES = tuple(n for n, p in _PRETRAINED.items() if p.layout == "hf")
+#: The book companion's converted files (``rasbt/gpt2-from-scratch-pytorch``).
+BOOK_NAMES = tuple(n for n, p in _PRETRAINED.items() if p.layout == "book")
+#: Everything a visitor may choose: :data:`RELEASED_NAMES` then :data:`BOOK_NAMES`.
+PRETRAINED_NAMES = RELEASED_NAMES + BOOK_NAMES
+#: Heads of the released GPT-2 of each width: the ``n_heads`` inferred when not given.
+GPT2_HEADS: dict[int, int] = {PRESETS[n].emb_dim: PRESETS[n].n_heads for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 
 
 class WeightsError(RuntimeError):
@@ -70,20 +169,78 @@ class CheckpointError(WeightsError, ValueError):
     """The checkpoint does not fit GPT-2: missing, unexpected or wrongly shaped tensors, or a bad config."""
 
 
+class NeedsHeadsError(CheckpointError):
+    """The tensors fit, but their width is no released GPT-2's: ``n_heads`` must be given."""
+
+    def __init__(self, message: str, emb_dim: int) -> None:
+        super().__init__(message)
+        self.emb_dim = emb_dim
+
+
+class TooLargeError(WeightsError):
+    """An upload over the size limit, or a model over the memory limit (the message gives both sizes)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightsSource:
+    """Where a model's weights came from: what the Model view's card shows.
+
+    ``kind``: ``"hub"`` (a Hub repository in GPT-2 layout), ``"book"`` (the book companion's
+    converted file), ``"file"`` (a local file or directory, an upload) or ``"random"``.
+    ``name``: what was asked for (``"gpt2"``, ``"book:gpt2-small-124M"``, ``"hf:owner/name"``,
+    the file's or directory's name without its folders, ``"random"``). ``revision``: the Hub
+    commit (the snapshot folder of huggingface_hub's cache), ``None`` when unknown.
+    ``sha256``: of the weights file, for ``"file"`` only (hub files are identified by their
+    revision). ``seed``: for ``"random"``. No field holds a server path.
+    """
+
+    kind: str
+    name: str
+    repo_id: str | None = None
+    revision: str | None = None
+    filename: str | None = None
+    sha256: str | None = None
+    config: GPTConfig | None = None
+    seed: int | None = None
+
+    @property
+    def sha256_prefix(self) -> str | None:
+        """The first 12 hex digits of :attr:`sha256` (what a card shows)."""
+        return self.sha256[:12] if self.sha256 else None
+
+    @classmethod
+    def random(cls, config: GPTConfig, seed: int = SEED) -> "WeightsSource":
+        """For random weights: ``torch.manual_seed(seed)`` before ``GPTModel(config)``."""
+        return cls(kind="random", name="random", config=config, seed=seed)
+
+
+def weights_source(model: torch.nn.Module) -> WeightsSource | None:
+    """``model.weights_source`` (set by :func:`load_pretrained` and :func:`load_upload`), else None."""
+    source = getattr(model, "weights_source", None)
+    return source if isinstance(source, WeightsSource) else None
+
+
 def is_allowed_name(name: object) -> bool:
-    """True for the released model names only: the one check visitor input must pass."""
-    return isinstance(name, str) and name in PRETRAINED_NAMES
+    """True for the names of :data:`PRETRAINED_NAMES` only: the one check visitor input must pass."""
+    return isinstance(name, str) and name in _PRETRAINED
 
 
-def _check_name(name: str) -> str:
+def pretrained_info(name: str) -> Pretrained:
+    """The allow-list entry of ``name`` (:class:`WeightsError` for any other string)."""
     if not is_allowed_name(name):
         raise WeightsError(f"unknown model name {name!r}: choose one of {', '.join(PRETRAINED_NAMES)}")
-    return name
+    return _PRETRAINED[name]
 
 
 def hub_repo_id(name: str) -> str:
-    """``"gpt2-xl"`` → ``"openai-community/gpt2-xl"``."""
-    return f"openai-community/{_check_name(name)}"
+    """``"gpt2-xl"`` → ``"openai-community/gpt2-xl"``, ``"distilgpt2"`` → ``"distilbert/distilgpt2"``,
+    ``"book:gpt2-small-124M"`` → ``"rasbt/gpt2-from-scratch-pytorch"``."""
+    return pretrained_info(name).repo_id
+
+
+def pretrained_config(name: str) -> GPTConfig:
+    """The configuration of an allowed name's model, known before downloading it."""
+    return pretrained_info(name).config
 
 
 # --------------------------------------------------------------------------- configuration
@@ -133,6 +290,80 @@ def config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     return cfg
 
 
+def _heads(emb_dim: int, n_heads: int | None) -> int:
+    if n_heads is not None:
+        return n_heads
+    if emb_dim in GPT2_HEADS:
+        return GPT2_HEADS[emb_dim]
+    widths = ", ".join(f"{e} → {h}" for e, h in GPT2_HEADS.items())
+    raise NeedsHeadsError(
+        f"n_heads cannot be read from the tensors and emb_dim={emb_dim} is no released GPT-2's width "
+        f"({widths}): give the number of attention heads, n_heads=… (e.g. load_pretrained(path, n_heads=…))",
+        emb_dim,
+    )
+
+
+def _matrix(shapes: Mapping[str, tuple[int, ...]], key: str, role: str, hint: str = "") -> tuple[int, int]:
+    shape = shapes.get(key)
+    if shape is None:
+        raise CheckpointError(f"missing tensor(s): {key} ({role}){hint}")
+    if len(shape) != 2:
+        raise CheckpointError(f"{key} has shape {tuple(shape)}, expected a matrix ({role})")
+    return shape[0], shape[1]
+
+
+def _n_layers(keys: Any, pattern: str) -> int:
+    found = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
+    if not found:
+        raise CheckpointError(f"no transformer blocks: no tensor is named like {pattern.strip('^').replace(chr(92), '')}")
+    return max(found) + 1  # a gap in the indices shows up as missing tensors
+
+
+def _config(vocab: int, ctx: int, emb: int, n_heads: int | None, n_layers: int, qkv_bias: bool, tied: bool) -> GPTConfig:
+    heads = _heads(emb, n_heads)  # NeedsHeadsError (a ValueError too) before the try below
+    try:
+        return GPTConfig(vocab_size=vocab, context_length=ctx, emb_dim=emb, n_heads=heads,
+                         n_layers=n_layers, drop_rate=0.1, qkv_bias=qkv_bias, tie_weights=tied)  # fmt: skip
+    except ValueError as e:  # n_heads not a divisor of emb_dim, not a positive integer
+        raise CheckpointError(f"configuration inferred from the tensors: {e} (n_heads={heads!r})") from e
+
+
+def config_from_hf_shapes(shapes: Mapping[str, tuple[int, ...]], n_heads: int | None = None) -> GPTConfig:
+    """The :class:`GPTConfig` of Hugging Face GPT-2 tensors, from their shapes alone (no ``config.json``).
+
+    ``vocab_size`` and ``emb_dim`` from ``wte.weight``, ``context_length`` from ``wpe.weight``,
+    ``n_layers`` from the ``h.{i}`` indices (names with or without ``transformer.``);
+    ``qkv_bias=True`` and a tied head, as GPT-2; ``drop_rate`` 0.1. ``n_heads``: the argument,
+    else :data:`GPT2_HEADS` by width, else :class:`NeedsHeadsError`. The layout is checked when loading.
+    """
+    bare = {k.removeprefix("transformer."): tuple(v) for k, v in shapes.items()}
+    vocab, emb = _matrix(bare, "wte.weight", "the token embedding")
+    ctx, _ = _matrix(bare, "wpe.weight", "the position embedding")
+    return _config(vocab, ctx, emb, n_heads, _n_layers(bare, r"^h\.(\d+)\."), True, True)
+
+
+def config_from_state_dict(state: Mapping[str, torch.Tensor], n_heads: int | None = None) -> GPTConfig:
+    """The :class:`GPTConfig` of a state dict in the book's names (``GPTModel.state_dict()``).
+
+    ``vocab_size`` and ``emb_dim`` from ``tok_emb.weight``, ``context_length`` from
+    ``pos_emb.weight``, ``n_layers`` from the ``trf_blocks.{i}`` indices, ``qkv_bias`` from the
+    presence of ``trf_blocks.0.att.W_query.bias``, ``tie_weights`` from ``out_head.weight``
+    being absent or equal to ``tok_emb.weight``; ``drop_rate`` 0.1 (dropout is off in eval
+    mode). ``n_heads``: the argument, else :data:`GPT2_HEADS` by width, else
+    :class:`NeedsHeadsError`. The names and shapes are checked when loading.
+    """
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    hint = ""
+    if "tok_emb.weight" not in shapes and any(k.removeprefix("transformer.") == "wte.weight" for k in shapes):
+        hint = "; these are Hugging Face GPT-2 names: save them as .safetensors with their config.json"
+    vocab, emb = _matrix(shapes, "tok_emb.weight", "the token embedding", hint)
+    ctx, _ = _matrix(shapes, "pos_emb.weight", "the position embedding")
+    tok, head = state["tok_emb.weight"], state.get("out_head.weight")
+    tied = head is None or (head.shape == tok.shape and head.dtype == tok.dtype and torch.equal(head, tok))
+    qkv_bias = "trf_blocks.0.att.W_query.bias" in shapes
+    return _config(vocab, ctx, emb, n_heads, _n_layers(shapes, r"^trf_blocks\.(\d+)\."), qkv_bias, tied)
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -140,11 +371,19 @@ def estimated_bytes(name_or_cfg: str | GPTConfig, dtype: torch.dtype = torch.flo
     """Bytes the loaded model holds: its parameters in ``dtype`` (the tied head counted once,
     :func:`~gptviz.params.count_params`) plus one causal mask per block (context², 1-byte bool).
 
-    ``name_or_cfg`` is a released name or a :class:`GPTConfig`. Loading briefly needs a
-    little more: the tensor being read and converted (at most one embedding matrix).
+    ``name_or_cfg`` is a name of :data:`PRETRAINED_NAMES` or a :class:`GPTConfig`. Loading
+    briefly needs a little more: the tensor being read and converted (at most one embedding matrix).
     """
-    cfg = PRESETS[_check_name(name_or_cfg)] if isinstance(name_or_cfg, str) else GPTConfig.coerce(name_or_cfg)
+    cfg = pretrained_config(name_or_cfg) if isinstance(name_or_cfg, str) else GPTConfig.coerce(name_or_cfg)
     return count_params(cfg) * dtype.itemsize + cfg.n_layers * cfg.context_length**2
+
+
+def _check_memory(cfg: GPTConfig, dtype: torch.dtype, limit: int | None, label: str) -> None:
+    if limit is not None and (need := estimated_bytes(cfg, dtype)) > limit:
+        raise TooLargeError(
+            f"{label}: the model needs {need:,} bytes ({need / 1e9:.2f} GB) in {str(dtype).removeprefix('torch.')}, "
+            f"over the limit of {limit:,} bytes ({limit / 1e9:.2f} GB)"
+        )
 
 
 # --------------------------------------------------------------------------- checkpoint layout
@@ -234,47 +473,310 @@ def _seed_state(get: Callable[[str], torch.Tensor], cfg: GPTConfig) -> dict[str,
     return state
 
 
-# --------------------------------------------------------------------------- files
+def _book_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of ``GPTModel(cfg).state_dict()`` with an untied head (masks are not in it)."""
+    with torch.device("meta"):  # shapes only: no storage
+        ref = GPTModel(cfg.replace(tie_weights=False))
+    return {k: tuple(v.shape) for k, v in ref.state_dict().items()}
 
 
-def _local_files(path: Path) -> tuple[Path, Path]:
-    """(weights, config.json) of a checkpoint directory or ``.safetensors`` file."""
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise WeightsError(f"{path}: pickled checkpoints are refused (they can run code); use {WEIGHTS_FILE}")
+def _mask_problem(key: str, mask: torch.Tensor, ctx: int) -> str | None:
+    """Why a book ``att.mask`` buffer is not the causal mask of ``ctx`` positions (None when it is)."""
+    if tuple(mask.shape) != (ctx, ctx):
+        return f"{key} has shape {tuple(mask.shape)}, expected ({ctx}, {ctx}) (the causal mask of context_length={ctx})"
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        return f"{key} has dtype {str(mask.dtype).removeprefix('torch.')}, expected a float or bool causal mask"
+    causal = torch.triu(torch.ones(ctx, ctx, dtype=torch.bool), diagonal=1)
+    if not torch.equal(mask.cpu(), causal.to(mask.dtype)):
+        return f"{key} is not the causal mask (ones strictly above the diagonal, zeros elsewhere)"
+    return None
+
+
+def _check_book_layout(state: Mapping[str, torch.Tensor], cfg: GPTConfig) -> None:
+    """Names and shapes of a book-named state dict against ``cfg``; the masks checked by value.
+
+    Accepted: ``out_head.weight`` absent when the head is tied, and the book's persistent
+    ``trf_blocks.{i}.att.mask`` buffers when they hold the causal mask.
+    """
+    expected = _book_shapes(cfg)
+    masks = {f"trf_blocks.{i}.att.mask" for i in range(cfg.n_layers)}
+    unexpected, wrong = [], []
+    for key, tensor in state.items():
+        if key in masks:
+            if problem := _mask_problem(key, tensor, cfg.context_length):
+                wrong.append(problem)
+        elif key not in expected:
+            unexpected.append(key)
+        elif tuple(tensor.shape) != expected[key]:
+            wrong.append(f"{key} has shape {tuple(tensor.shape)}, expected {expected[key]}")
+    optional = {"out_head.weight"} if cfg.tie_weights else set()
+    missing = [k for k in expected if k not in state and k not in optional]
+    problems = [
+        *([f"missing tensor(s): {', '.join(missing)}"] if missing else []),
+        *([f"unexpected tensor(s): {', '.join(sorted(unexpected))}"] if unexpected else []),
+        *wrong,
+    ]
+    if problems:
+        raise CheckpointError(
+            f"state dict does not fit the book's GPTModel with the configuration read from it (emb_dim={cfg.emb_dim}, "
+            f"n_layers={cfg.n_layers}, vocab_size={cfg.vocab_size}, context_length={cfg.context_length}, "
+            f"qkv_bias={cfg.qkv_bias}): " + "; ".join(problems)
+        )
+
+
+class _Labelled:
+    """``with _Labelled(label):`` prefixes the message of a CheckpointError raised inside with ``label``."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, e: BaseException | None, tb: Any) -> bool:
+        if isinstance(e, CheckpointError) and not str(e).startswith(f"{self.label}: "):
+            e.args = (f"{self.label}: {e}", *e.args[1:])
+        return False
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _build(cfg: GPTConfig, state: dict[str, torch.Tensor], device: torch.device) -> GPTModel:
+    """A GPTModel (eval mode) holding ``state`` (the book's names; ``out_head.weight`` is
+    ``tok_emb.weight`` itself when the head is tied)."""
+    with torch.device("meta"):  # no storage: no time spent on a random init that loading replaces
+        model = GPTModel(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_weights:
+        model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters; tie them again
+    # The causal masks are non-persistent buffers (in no checkpoint), still on the meta
+    # device: take real ones from a small MultiHeadAttention of the same context length.
+    mask = MultiHeadAttention(1, 1, cfg.context_length, 0.0, 1).mask.to(device)
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.mask = mask.clone()
+    return model.eval()
+
+
+def _from_book_state(
+    state: Mapping[str, torch.Tensor],
+    label: str,
+    n_heads: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_bytes: int | None,
+) -> GPTModel:
+    with _Labelled(label):
+        cfg = config_from_state_dict(state, n_heads)
+        _check_memory(cfg, dtype, max_model_bytes, label)
+        _check_book_layout(state, cfg)
+    masks = {f"trf_blocks.{i}.att.mask" for i in range(cfg.n_layers)}
+    # copy=True: the model owns its memory, never pages of the (memory-mapped) file
+    params = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items() if k not in masks}
+    if cfg.tie_weights:
+        params["out_head.weight"] = params["tok_emb.weight"]
+    return _build(cfg, params, device)
+
+
+def _from_hf_file(
+    f: Any, cfg: GPTConfig, label: str, device: torch.device, dtype: torch.dtype
+) -> GPTModel:
+    """A GPTModel from an open safetensors file in Hugging Face GPT-2 layout."""
+    with _Labelled(label):
+        names = _check_layout({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, cfg)
+
+    def get(name: str) -> torch.Tensor:
+        return f.get_tensor(names[name]).to(device=device, dtype=dtype)
+
+    state = _seed_state(get, cfg)
+    if "lm_head.weight" in names and not torch.equal(get("lm_head.weight"), state["tok_emb.weight"]):
+        raise CheckpointError(f"{label}: lm_head.weight differs from wte.weight; GPT-2's head is tied")
+    return _build(cfg, state, device)
+
+
+def _load_hf(
+    weights: Path, config: Path, label: str, n_heads: int | None, device: torch.device, dtype: torch.dtype
+) -> GPTModel:
+    """``model.safetensors`` with its ``config.json``."""
+    try:
+        hf_config = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad UTF-8 or JSON
+        raise CheckpointError(f"{config}: not a readable JSON file ({e})") from e
+    if not isinstance(hf_config, dict):
+        raise CheckpointError(f"{config}: expected a JSON object")
+    cfg = config_from_hf(hf_config)
+    if n_heads is not None and n_heads != cfg.n_heads:
+        raise CheckpointError(f"{config}: n_head={cfg.n_heads}, but n_heads={n_heads} was given")
+    try:
+        with safe_open(weights, framework="pt") as f:
+            return _from_hf_file(f, cfg, str(weights), device, dtype)
+    except SafetensorError as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
+
+
+def _load_safetensors_alone(
+    path: Path,
+    label: str,
+    n_heads: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_bytes: int | None,
+) -> GPTModel:
+    """A lone ``.safetensors`` file: the configuration from its tensors (Hugging Face or book names)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            if "tok_emb.weight" in keys:  # the book's names (e.g. save_file(model.state_dict()))
+                state = {k: f.get_tensor(k) for k in keys}
+                return _from_book_state(state, label, n_heads, device, dtype, max_model_bytes)
+            with _Labelled(label):
+                cfg = config_from_hf_shapes({k: tuple(f.get_slice(k).get_shape()) for k in keys}, n_heads)
+                _check_memory(cfg, dtype, max_model_bytes, label)
+            return _from_hf_file(f, cfg, label, device, dtype)
+    except SafetensorError as e:
+        raise CheckpointError(f"{label}: not a readable safetensors file ({e})") from e
+
+
+_REFUSED_PICKLE = re.compile(r"(unsupported GLOBAL \S+|Unsupported global: GLOBAL \S+|Unsupported operand \d+)", re.I)
+
+
+def _torch_load(path: Path, label: str) -> Any:
+    """``torch.load`` with PyTorch's restricted unpickler only: tensors, dicts, lists, numbers."""
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the refusal below says more
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        found = _REFUSED_PICKLE.search(str(e))
+        asks = f" ({found.group(1).replace('Unsupported global: ', '').replace('unsupported ', '')})" if found else ""
+        raise CheckpointError(
+            f"{label}: refused: the file holds more than tensors{asks}; it was not run. A checkpoint must be saved "
+            "as torch.save(model.state_dict(), path) or torch.save({'model_state_dict': model.state_dict(), ...}, "
+            "path) — not the whole model or other Python objects"
+        ) from e
+    except Exception as e:  # a truncated zip, a legacy file with a bad magic number, ...: all "not readable"
+        raise CheckpointError(f"{label}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _state_dict_of(obj: Any, label: str) -> Mapping[str, torch.Tensor]:
+    """The model's state dict in a loaded ``.pth``: the object itself, or its ``"model_state_dict"``."""
+    where = ""
+    if isinstance(obj, Mapping) and "model_state_dict" in obj:
+        obj, where = obj["model_state_dict"], "'model_state_dict' "
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{label}: {where or 'the file '}holds a {type(obj).__name__}, not a state dict (names → tensors); "
+            "save torch.save(model.state_dict(), path) or a dict with 'model_state_dict'"
+        )
+    odd = [repr(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if odd:
+        shown = ", ".join(odd[:8]) + (f" and {len(odd) - 8} more" if len(odd) > 8 else "")
+        raise CheckpointError(
+            f"{label}: {where or 'the file '}is not a state dict: {shown} hold(s) no tensor; expected "
+            "torch.save(model.state_dict(), path) or a dict with 'model_state_dict'"
+        )
+    return obj
+
+
+def _load_pth(
+    path: Path,
+    label: str,
+    n_heads: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_bytes: int | None = None,
+) -> GPTModel:
+    state = _state_dict_of(_torch_load(path, label), label)
+    return _from_book_state(state, label, n_heads, device, dtype, max_model_bytes)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- where the files are
+
+
+def _refused_pickle(path: Path) -> WeightsError:
+    return WeightsError(
+        f"{path}: pickled checkpoints are refused (they can run code); use {WEIGHTS_FILE} or a .pth/.pt state dict"
+    )
+
+
+def _local(path: Path) -> tuple[str, Path, Path | None]:
+    """(how to read it, the weights file, config.json or None) of a local checkpoint."""
+    suffix = path.suffix.lower()
+    if suffix in _PICKLE_SUFFIXES:
+        raise _refused_pickle(path)
     if path.is_dir():
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
-            pickled = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES)
-            hint = f" (found only pickled {', '.join(pickled)}, which are refused)" if pickled else ""
+            pickled = sorted(p.name for p in path.iterdir() if p.suffix.lower() in _ALL_PICKLES)
+            hint = (
+                f" (found only pickled {', '.join(pickled)}; pickles are not looked for in a directory — "
+                "pass a .pth/.pt file itself to read it)"
+                if pickled
+                else ""
+            )
             raise WeightsError(f"{path}: no {WEIGHTS_FILE}{hint}")
-    elif path.is_file():
-        if path.suffix.lower() != ".safetensors":
-            raise WeightsError(f"{path}: not a .safetensors file")
-        weights = path
-    else:
-        raise WeightsError(
-            f"{str(path)!r} is neither a released model name ({', '.join(PRETRAINED_NAMES)}) nor an existing path"
-        )
-    config = weights.parent / CONFIG_FILE
-    if not config.is_file():
-        raise WeightsError(f"{config}: missing (the checkpoint's configuration must lie beside its weights)")
-    return weights, config
+        config = weights.parent / CONFIG_FILE
+        if not config.is_file():
+            raise WeightsError(f"{config}: missing (the checkpoint's configuration must lie beside its weights)")
+        return "hf", weights, config
+    if path.is_file():
+        if suffix in _PTH_SUFFIXES:
+            return "pth", path, None
+        if suffix != ".safetensors":
+            raise WeightsError(f"{path}: not a .safetensors, .pth or .pt file")
+        config = path.parent / CONFIG_FILE
+        return ("hf", path, config) if config.is_file() else ("alone", path, None)
+    raise WeightsError(
+        f"{str(path)!r} is neither a released model name ({', '.join(PRETRAINED_NAMES)}) nor an existing path "
+        f"(a Hugging Face Hub repository is named {HF_PREFIX}owner/name)"
+    )
 
 
-def _hub_files(name: str, progress: bool) -> tuple[Path, Path]:
-    """(weights, config.json) in the huggingface_hub cache, downloaded when not there."""
-    repo_id = hub_repo_id(name)
+def _download(
+    what: str, repo_id: str, filenames: tuple[str, ...], revision: str | None, progress: bool
+) -> list[Path]:
+    """Files of a Hub repository, from huggingface_hub's cache (downloaded when not there)."""
     try:
-        config = hf_hub_download(repo_id, CONFIG_FILE, tqdm_class=None if progress else silent_tqdm)
-        weights = hf_hub_download(repo_id, WEIGHTS_FILE, tqdm_class=None if progress else silent_tqdm)
+        kwargs: dict[str, Any] = {"tqdm_class": None if progress else silent_tqdm}
+        if revision is not None:
+            kwargs["revision"] = revision
+        return [Path(hf_hub_download(repo_id, name, **kwargs)) for name in filenames]
     # huggingface_hub reports trouble with many types (LocalEntryNotFoundError offline and
     # not cached, httpx errors, HfHubHTTPError, XetDownloadError, ...); each means the same here.
     except Exception as e:
         raise WeightsError(
-            f"could not download {name} ({repo_id}) from the Hugging Face Hub (offline?) — "
+            f"could not download {what} ({repo_id}) from the Hugging Face Hub (offline?) — "
             f"cached copies are used when present: {type(e).__name__}: {e}"
         ) from e
-    return Path(weights), Path(config)
+
+
+def _revision(path: Path) -> str | None:
+    """The commit of a file in huggingface_hub's cache: ``…/snapshots/<commit>/<file>``."""
+    return path.parent.name if path.parent.parent.name == "snapshots" else None
+
+
+_REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+_REPO_ID = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,127}")
+
+
+def _parse_hf(spec: str) -> tuple[str, str | None]:
+    """``"hf:owner/name[@revision]"`` → (repo id, revision or None)."""
+    repo_id, at, revision = spec.removeprefix(HF_PREFIX).partition("@")
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id or repo_id.endswith((".", "-")):
+        raise WeightsError(f"{spec!r}: not a Hugging Face Hub repository id; write {HF_PREFIX}owner/name[@revision]")
+    if at and (not _REVISION.fullmatch(revision) or ".." in revision):
+        raise WeightsError(f"{spec!r}: {revision!r} is not a revision (a branch, tag or commit hash)")
+    return repo_id, revision or None
 
 
 # --------------------------------------------------------------------------- loading
@@ -285,55 +787,111 @@ def load_pretrained(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    *,
+    n_heads: int | None = None,
 ) -> GPTModel:
-    """A :class:`GPTModel` (eval mode) holding GPT-2 weights.
+    """A :class:`GPTModel` (eval mode) holding pretrained or saved weights, with ``model.weights_source``.
 
-    ``name_or_path``: a released name (:data:`PRETRAINED_NAMES`, fetched from the Hub with a
-    ``progress`` bar), or the path of a directory holding ``model.safetensors`` and
-    ``config.json``, or of a ``.safetensors`` file with ``config.json`` beside it (a local
-    folder called ``gpt2`` needs ``"./gpt2"`` or a ``Path``). ``device``: default
-    :func:`~gptviz.model.select_device`. ``dtype``: default float32 (the released files'
-    dtype); tensors are converted as they are read.
+    ``name_or_path``:
 
-    Raises :class:`WeightsError` (unknown name, download failure, missing or pickled file)
-    or its subclass :class:`CheckpointError` (tensors or config that do not fit GPT-2).
+    * a name of :data:`PRETRAINED_NAMES` (downloaded from the Hub with a ``progress`` bar;
+      the ``book:`` names are the book companion's ``.pth`` files);
+    * ``"hf:owner/name"`` or ``"hf:owner/name@revision"``: any Hub repository holding
+      ``model.safetensors`` and ``config.json`` in GPT-2 layout (for operators; visitors only
+      reach names that pass :func:`is_allowed_name`);
+    * a local path: a directory with ``model.safetensors`` and ``config.json``; a
+      ``.safetensors`` file (``config.json`` beside it is used when present, else the
+      configuration comes from the tensors); a ``.pth`` / ``.pt`` state dict in the book's
+      names (read with ``torch.load(weights_only=True)``). A string that is an allowed name
+      always means the Hub model (a local folder called ``gpt2`` needs ``"./gpt2"`` or a
+      ``Path``); any other string, ``"owner/name"`` included, is a path.
+
+    ``n_heads``: the number of attention heads where the configuration comes from the tensors
+    (default: the released GPT-2 of the same width, :data:`GPT2_HEADS`). ``device``: default
+    :func:`~gptviz.settings.select_device`. ``dtype``: default float32; tensors are converted
+    as they are read.
+
+    Raises :class:`WeightsError` (unknown name, download failure, missing or refused file)
+    or its subclass :class:`CheckpointError` (tensors or config that do not fit GPT-2, a
+    pickle that asks for more than tensors), :class:`NeedsHeadsError` among them.
     """
     device = torch.device(device) if device is not None else select_device()
     dtype = dtype or torch.float32
     if isinstance(name_or_path, str) and is_allowed_name(name_or_path):
-        weights, config = _hub_files(name_or_path, progress)
+        info = pretrained_info(name_or_path)
+        if info.layout == "book":
+            (path,) = _download(name_or_path, info.repo_id, (info.filename,), None, progress)
+            model = _load_pth(path, str(path), n_heads, device, dtype)
+        else:
+            config, path = _download(name_or_path, info.repo_id, (CONFIG_FILE, WEIGHTS_FILE), None, progress)
+            model = _load_hf(path, config, str(path), n_heads, device, dtype)
+        source = WeightsSource(kind=info.layout if info.layout == "book" else "hub", name=name_or_path,
+                               repo_id=info.repo_id, revision=_revision(path), filename=info.filename,
+                               config=model.cfg)  # fmt: skip
+    elif isinstance(name_or_path, str) and name_or_path.startswith(HF_PREFIX) and not Path(name_or_path).exists():
+        repo_id, revision = _parse_hf(name_or_path)
+        config, path = _download(name_or_path, repo_id, (CONFIG_FILE, WEIGHTS_FILE), revision, progress)
+        model = _load_hf(path, config, str(path), n_heads, device, dtype)
+        source = WeightsSource(kind="hub", name=name_or_path, repo_id=repo_id, revision=_revision(path) or revision,
+                               filename=WEIGHTS_FILE, config=model.cfg)  # fmt: skip
     else:
-        weights, config = _local_files(Path(name_or_path))
+        path = Path(name_or_path)
+        how, weights, config = _local(path)
+        if how == "hf":
+            model = _load_hf(weights, config, str(weights), n_heads, device, dtype)
+        elif how == "alone":
+            model = _load_safetensors_alone(weights, str(weights), n_heads, device, dtype, None)
+        else:
+            model = _load_pth(weights, str(weights), n_heads, device, dtype)
+        source = WeightsSource(kind="file", name=path.name or path.resolve().name, filename=weights.name,
+                               sha256=_sha256(weights), config=model.cfg)  # fmt: skip
+    model.weights_source = source
+    return model
 
+
+def load_upload(
+    path: str | os.PathLike[str],
+    n_heads: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    max_bytes: int = Settings.max_upload_bytes,
+    max_model_bytes: int | None = Settings.max_model_bytes,
+) -> GPTModel:
+    """A :class:`GPTModel` (eval mode) from one file a visitor uploaded, with ``model.weights_source``.
+
+    In order: ``path`` must be a regular file (no directory, no symbolic link); its size at
+    most ``max_bytes`` (:class:`TooLargeError` giving both sizes, before anything is read);
+    ``.safetensors`` (Hugging Face GPT-2 names or the book's) or ``.pth`` / ``.pt`` (the book's
+    state dict, or a dict with ``"model_state_dict"``, read by PyTorch's restricted unpickler);
+    its configuration from its tensors (``n_heads`` as in :func:`load_pretrained`); the model
+    that configuration makes at most ``max_model_bytes`` in ``dtype`` (default float32;
+    None: no limit). Nothing beside the file is read (no ``config.json``), and error messages
+    name the file by its name only, never its folders.
+    """
+    path = Path(path)
+    label = path.name
+    device = torch.device(device) if device is not None else select_device()
+    dtype = dtype or torch.float32
     try:
-        hf_config = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: bad UTF-8 or JSON
-        raise CheckpointError(f"{config}: not a readable JSON file ({e})") from e
-    if not isinstance(hf_config, dict):
-        raise CheckpointError(f"{config}: expected a JSON object")
-    cfg = config_from_hf(hf_config)
-
-    try:
-        with safe_open(weights, framework="pt") as f:
-            names = _check_layout({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, cfg)
-
-            def get(name: str) -> torch.Tensor:
-                return f.get_tensor(names[name]).to(device=device, dtype=dtype)
-
-            state = _seed_state(get, cfg)
-            if "lm_head.weight" in names and not torch.equal(get("lm_head.weight"), state["tok_emb.weight"]):
-                raise CheckpointError(f"{weights}: lm_head.weight differs from wte.weight; GPT-2's head is tied")
-    except SafetensorError as e:
-        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from e
-
-    with torch.device("meta"):  # no storage: no time spent on a random init that loading replaces
-        model = GPTModel(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.out_head.weight = model.tok_emb.weight  # assign=True made two Parameters; tie them again
-    # The causal masks are non-persistent buffers (in no checkpoint), still on the meta
-    # device: take real ones from a small MultiHeadAttention of the same context length.
-    mask = MultiHeadAttention(1, 1, cfg.context_length, 0.0, 1).mask.to(device)
-    for module in model.modules():
-        if isinstance(module, MultiHeadAttention):
-            module.mask = mask.clone()
-    return model.eval()
+        info = path.lstat()  # lstat: a symbolic link is refused, not followed
+    except OSError as e:
+        raise WeightsError(f"{label}: cannot read the uploaded file ({type(e).__name__})") from e
+    if not stat.S_ISREG(info.st_mode):
+        raise WeightsError(f"{label}: not a regular file (directories and links are refused)")
+    if info.st_size > max_bytes:
+        raise TooLargeError(
+            f"{label}: {info.st_size:,} bytes ({info.st_size / 1e9:.2f} GB) is over the upload limit of "
+            f"{max_bytes:,} bytes ({max_bytes / 1e9:.2f} GB)"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        model = _load_safetensors_alone(path, label, n_heads, device, dtype, max_model_bytes)
+    elif suffix in _PTH_SUFFIXES:
+        model = _load_pth(path, label, n_heads, device, dtype, max_model_bytes)
+    elif suffix in _PICKLE_SUFFIXES:
+        raise WeightsError(f"{label}: {suffix} pickles are refused (they can run code); upload .safetensors or .pth")
+    else:
+        raise WeightsError(f"{label}: upload a .safetensors, .pth or .pt file")
+    model.weights_source = WeightsSource(kind="file", name=label, filename=label, sha256=_sha256(path),
+                                         config=model.cfg)  # fmt: skip
+    return model
