@@ -74,16 +74,27 @@ def visit(session_hash: str):
     return types.SimpleNamespace(session_hash=session_hash)
 
 
+@pytest.fixture(scope="session")
+def ui_models():
+    """Models built once for the whole run and shared by the test contexts, read-only, as the
+    app shares them between visitors (tests that count builds make their own ModelStore)."""
+    from gptviz.ui.serving import ModelStore, build_model
+
+    return ModelStore(lambda spec: build_model(spec, torch.device("cpu")), capacity=8)
+
+
 @pytest.fixture
-def make_ctx(tiny_cfg):
-    """``make_ctx(cfg=None, **limits)``: a fresh AppContext on the CPU whose visitors start with
-    random weights (seed 123) of ``cfg`` (the tiny configuration by default), with those
-    :class:`~gptviz.settings.Settings` limits."""
+def make_ctx(tiny_cfg, ui_models):
+    """``make_ctx(cfg=None, **limits)``: a fresh AppContext on the CPU (its own visitors, the
+    run's shared models) whose visitors start with random weights (seed 123) of ``cfg`` (the
+    tiny configuration by default), with those :class:`~gptviz.settings.Settings` limits."""
     from gptviz.settings import RANDOM, Settings
     from gptviz.ui.serving import AppContext, ModelSpec
 
     def make(cfg: GPTConfig | None = None, **limits) -> "AppContext":
-        return AppContext(Settings(device="cpu", **limits), default_spec=ModelSpec(RANDOM, cfg or tiny_cfg))
+        ctx = AppContext(Settings(device="cpu", **limits), default_spec=ModelSpec(RANDOM, cfg or tiny_cfg))
+        ctx.models = ui_models
+        return ctx
 
     return make
 
@@ -92,3 +103,20 @@ def make_ctx(tiny_cfg):
 def ctx(make_ctx):
     """A fresh AppContext on the tiny model with the default limits."""
     return make_ctx()
+
+
+def seeded(cfg: GPTConfig) -> GPTModel:
+    """Random weights as the app makes them: ``torch.manual_seed(123)`` before ``GPTModel(cfg)``."""
+    torch.manual_seed(123)
+    return GPTModel(cfg).eval()
+
+
+def source_greedy(model: GPTModel, ids: list[int], n: int) -> list[int]:
+    """The source's generate_text_simple, uncached, as the reference for the app's tokens."""
+    idx = torch.tensor([ids])
+    ctx = model.cfg.context_length
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(idx[:, -ctx:])[:, -1, :]
+            idx = torch.cat([idx, torch.argmax(torch.softmax(logits, -1), -1, keepdim=True)], dim=1)
+    return idx[0].tolist()
