@@ -85,6 +85,7 @@ __all__ = [
     "lesson_from_session",
     "save_lesson",
     "load_lesson",
+    "validate_lesson",
     "lesson_to_json",
     "model_for_lesson",
     "replay",
@@ -382,6 +383,10 @@ def _is_option(name: str) -> bool:
     return name in SESSION_OPTIONS or name.startswith("max_") or name.startswith("_")
 
 
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _plain(name: str, v: Any) -> Any:
     return float(v) if name in ("temperature", "top_p") and v is not None else v
 
@@ -457,7 +462,7 @@ def lesson_from_session(session: GenerationSession, *, model_source: Mapping[str
         "title": title,
         "model": source,
         "dtype": dtype,
-        "prompt_text": session.prompt_text,
+        "prompt_text": _short(session.prompt_text, MAX_TEXT_CHARS),  # for people: replay reads the ids
         "prompt_ids": list(session.prompt_ids),
         "generated_ids": list(session.generated_ids),
         "sampling": sampling,

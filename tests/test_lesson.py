@@ -217,6 +217,16 @@ def test_bad_sampling_changes_are_refused(lesson, changes, message):
         load_lesson(dict(lesson, sampling_changes=changes))
 
 
+def test_long_prompt_text_is_shortened_but_ids_are_kept(tiny_model, enc, tiny_cfg):
+    long_token = max(range(50256), key=lambda i: len(enc.decode_single_token_bytes(i)))
+    ids = [long_token] * 400  # its text is over the 20,000 characters a lesson allows
+    assert len(enc.decode(ids)) > 20_000
+    s = GenerationSession(tiny_model, enc, ids)
+    lesson = lesson_from_session(s, model_source=random_source(tiny_cfg), dtype="float32")
+    assert lesson["prompt_ids"] == ids and len(lesson["prompt_text"]) == 20_000
+    assert replay(lesson, tiny_model).session.prompt_ids == ids
+
+
 def test_replay_notes_another_dtype(lesson, tiny_model):
     other = dict(lesson, dtype="bfloat16")
     result = replay(other, tiny_model)
