@@ -158,7 +158,9 @@ BOOK_NAMES = tuple(n for n, p in _PRETRAINED.items() if p.layout == "book")
 #: Everything a visitor may choose: :data:`RELEASED_NAMES` then :data:`BOOK_NAMES`.
 PRETRAINED_NAMES = RELEASED_NAMES + BOOK_NAMES
 #: Heads of the released GPT-2 of each width: the ``n_heads`` inferred when not given.
-GPT2_HEADS: dict[int, int] = {PRESETS[n].emb_dim: PRESETS[n].n_heads for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+GPT2_HEADS: dict[int, int] = {
+    PRESETS[n].emb_dim: PRESETS[n].n_heads for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+}  # 768 → 12, 1024 → 16, 1280 → 20, 1600 → 25
 
 
 class WeightsError(RuntimeError):
@@ -172,7 +174,7 @@ class CheckpointError(WeightsError, ValueError):
 class NeedsHeadsError(CheckpointError):
     """The tensors fit, but their width is no released GPT-2's: ``n_heads`` must be given."""
 
-    def __init__(self, message: str, emb_dim: int) -> None:
+    def __init__(self, message: str, emb_dim: int | None = None) -> None:
         super().__init__(message)
         self.emb_dim = emb_dim
 
@@ -312,14 +314,18 @@ def _matrix(shapes: Mapping[str, tuple[int, ...]], key: str, role: str, hint: st
     return shape[0], shape[1]
 
 
-def _n_layers(keys: Any, pattern: str) -> int:
-    found = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
+def _n_layers(keys: Any, prefix: str) -> int:
+    """Blocks from the indices of ``{prefix}{i}.…`` names (a gap shows up later as missing tensors)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    found = [int(m.group(1)) for k in keys if (m := pattern.match(k))]
     if not found:
-        raise CheckpointError(f"no transformer blocks: no tensor is named like {pattern.strip('^').replace(chr(92), '')}")
-    return max(found) + 1  # a gap in the indices shows up as missing tensors
+        raise CheckpointError(f"no transformer blocks: no tensor is named {prefix}{{i}}.…")
+    return max(found) + 1
 
 
-def _config(vocab: int, ctx: int, emb: int, n_heads: int | None, n_layers: int, qkv_bias: bool, tied: bool) -> GPTConfig:
+def _config(
+    vocab: int, ctx: int, emb: int, n_heads: int | None, n_layers: int, qkv_bias: bool, tied: bool
+) -> GPTConfig:
     heads = _heads(emb, n_heads)  # NeedsHeadsError (a ValueError too) before the try below
     try:
         return GPTConfig(vocab_size=vocab, context_length=ctx, emb_dim=emb, n_heads=heads,
@@ -339,7 +345,7 @@ def config_from_hf_shapes(shapes: Mapping[str, tuple[int, ...]], n_heads: int | 
     bare = {k.removeprefix("transformer."): tuple(v) for k, v in shapes.items()}
     vocab, emb = _matrix(bare, "wte.weight", "the token embedding")
     ctx, _ = _matrix(bare, "wpe.weight", "the position embedding")
-    return _config(vocab, ctx, emb, n_heads, _n_layers(bare, r"^h\.(\d+)\."), True, True)
+    return _config(vocab, ctx, emb, n_heads, _n_layers(bare, "h."), True, True)
 
 
 def config_from_state_dict(state: Mapping[str, torch.Tensor], n_heads: int | None = None) -> GPTConfig:
@@ -354,14 +360,18 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor], n_heads: int | Non
     """
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     hint = ""
-    if "tok_emb.weight" not in shapes and any(k.removeprefix("transformer.") == "wte.weight" for k in shapes):
-        hint = "; these are Hugging Face GPT-2 names: save them as .safetensors with their config.json"
+    if "tok_emb.weight" not in shapes:
+        prefixed = next((k.removesuffix("tok_emb.weight") for k in shapes if k.endswith(".tok_emb.weight")), None)
+        if prefixed is not None:  # e.g. "_orig_mod." (torch.compile) or "module." (DistributedDataParallel)
+            hint = f"; the names carry a prefix {prefixed!r}: save the state_dict of the model without it"
+        elif any(k.removeprefix("transformer.") == "wte.weight" for k in shapes):
+            hint = "; these are Hugging Face GPT-2 names: save them as .safetensors with their config.json"
     vocab, emb = _matrix(shapes, "tok_emb.weight", "the token embedding", hint)
     ctx, _ = _matrix(shapes, "pos_emb.weight", "the position embedding")
     tok, head = state["tok_emb.weight"], state.get("out_head.weight")
     tied = head is None or (head.shape == tok.shape and head.dtype == tok.dtype and torch.equal(head, tok))
     qkv_bias = "trf_blocks.0.att.W_query.bias" in shapes
-    return _config(vocab, ctx, emb, n_heads, _n_layers(shapes, r"^trf_blocks\.(\d+)\."), qkv_bias, tied)
+    return _config(vocab, ctx, emb, n_heads, _n_layers(shapes, "trf_blocks."), qkv_bias, tied)
 
 
 # --------------------------------------------------------------------------- memory
@@ -571,10 +581,12 @@ def _from_book_state(
         cfg = config_from_state_dict(state, n_heads)
         _check_memory(cfg, dtype, max_model_bytes, label)
         _check_book_layout(state, cfg)
-    masks = {f"trf_blocks.{i}.att.mask" for i in range(cfg.n_layers)}
-    # copy=True: the model owns its memory, never pages of the (memory-mapped) file
-    params = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items() if k not in masks}
+    skip = {f"trf_blocks.{i}.att.mask" for i in range(cfg.n_layers)}
     if cfg.tie_weights:
+        skip.add("out_head.weight")
+    # copy=True: the model owns its memory, never pages of the (memory-mapped) file
+    params = {k: v.to(device=device, dtype=dtype, copy=True) for k, v in state.items() if k not in skip}
+    if cfg.tie_weights:  # the head is the embedding itself (the book's copy of it is equal, checked above)
         params["out_head.weight"] = params["tok_emb.weight"]
     return _build(cfg, params, device)
 
@@ -635,7 +647,7 @@ def _load_safetensors_alone(
                 _check_memory(cfg, dtype, max_model_bytes, label)
             return _from_hf_file(f, cfg, label, device, dtype)
     except SafetensorError as e:
-        raise CheckpointError(f"{label}: not a readable safetensors file ({e})") from e
+        raise CheckpointError(f"{label}: not a readable safetensors file ({str(e).replace(str(path), label)})") from e
 
 
 _REFUSED_PICKLE = re.compile(r"(unsupported GLOBAL \S+|Unsupported global: GLOBAL \S+|Unsupported operand \d+)", re.I)
@@ -656,7 +668,8 @@ def _torch_load(path: Path, label: str) -> Any:
             "path) — not the whole model or other Python objects"
         ) from e
     except Exception as e:  # a truncated zip, a legacy file with a bad magic number, ...: all "not readable"
-        raise CheckpointError(f"{label}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        why = str(e).replace(str(path), label)  # an upload's message names no server folder
+        raise CheckpointError(f"{label}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from e
 
 
 def _state_dict_of(obj: Any, label: str) -> Mapping[str, torch.Tensor]:
