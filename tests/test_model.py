@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -5,8 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from gptviz import PRESETS, GPTConfig, GPTModel, KVCache, Trace, select_device
-from gptviz.model import GELU, LayerNorm
+from gptviz.model import GELU, LayerNorm, MultiHeadAttention
+from gptviz.params import count_params
 
+from .conftest import assert_clear_top1
 from .test_config import GPT_CONFIG_124M
 
 pytestmark = pytest.mark.numeric  # .ci/run runs this file again on another CPU code path
@@ -62,7 +65,9 @@ def reference_logits(model: GPTModel, idx: torch.Tensor) -> torch.Tensor:
     """An independent, straightforward implementation of SPEC.md's architecture,
     written with torch.nn.functional on the model's raw weights."""
     cfg = model.cfg
-    sd = model.state_dict()
+    # Contiguous copies: the reference multiplies in nn.Linear's own (out, in) layout, whatever
+    # layout GPTModel.optimize_layout_ chose for the model's own products.
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     T = idx.shape[1]
     x = sd["tok_emb.weight"][idx] + sd["pos_emb.weight"][:T]
     for i in range(cfg.n_layers):
@@ -267,3 +272,252 @@ def test_model_runs_on_the_selected_device(tiny_cfg):
         step = model(idx[:, 4:], cache)
     assert full.device.type == device.type
     torch.testing.assert_close(step, full[:, 4:], atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- NEW (speed): memory layout
+
+
+def plain_copy(model: GPTModel) -> GPTModel:
+    """The same model with every weight in nn.Linear's own contiguous (out, in) storage, each
+    in its own buffer: the book's layout (its forward then calls each module, unfused)."""
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.data = p.detach().clone(memory_format=torch.contiguous_format)
+    return plain
+
+
+def fused(att: MultiHeadAttention, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this attention runs its three projections as one product (in inference)."""
+    with torch.no_grad():
+        return att._fused_qkv(torch.zeros(1, 1, att.W_query.in_features, dtype=dtype)) is not None
+
+
+def is_plain(model: GPTModel) -> bool:
+    return all(p.is_contiguous() for p in model.parameters()) and not any(fused(b.att) for b in model.trf_blocks)
+
+
+def wiggled(cfg: GPTConfig, seed: int = 0) -> GPTModel:
+    torch.manual_seed(seed)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # move LayerNorm/bias params off their trivial init
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def layout_cfg(qkv_bias: bool, tie: bool) -> GPTConfig:
+    return GPTConfig(vocab_size=211, context_length=40, emb_dim=48, n_heads=4, n_layers=3, qkv_bias=qkv_bias, tie_weights=tie)
+
+
+# float32 tolerance between layouts: the same products summed in other orders by other kernels
+# (48- to 192-term dot products of O(1) values): a few ulps of the O(1)-O(10) logits, ~1e-6; 1e-5 is safe.
+LAYOUT_TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+@pytest.mark.parametrize("tie", [False, True])
+def test_fast_layout_gives_the_plain_layouts_logits(qkv_bias, tie):
+    model = wiggled(layout_cfg(qkv_bias, tie))
+    plain = plain_copy(model)
+    assert is_plain(plain) and not is_plain(model)  # both layouts really differ
+    att = model.trf_blocks[0].att
+    assert fused(att)  # the fused product is taken
+    assert att.W_query.weight.stride() == (1, 3 * 48)  # float32 on the CPU: (in, 3·out) storage
+    assert model.out_head.weight.t().is_contiguous() and (model.out_head.weight is model.tok_emb.weight) == tie
+    assert model.trf_blocks[0].ff.layers[0].weight.t().is_contiguous()
+    idx = torch.randint(0, 211, (2, 30))
+    heads = torch.ones(3, 4).index_fill_(1, torch.tensor([1]), 0)  # one head off in every layer
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), plain(idx), **LAYOUT_TOL)
+        torch.testing.assert_close(model(idx, head_mask=heads), plain(idx, head_mask=heads), **LAYOUT_TOL)
+        fast_cache, plain_cache = KVCache.for_model(model, chunk=8), KVCache.for_model(plain, chunk=8)
+        torch.testing.assert_close(model(idx[:, :20], fast_cache), plain(idx[:, :20], plain_cache), **LAYOUT_TOL)
+        for t in range(20, 30):  # cached single-token steps, as generation runs them
+            step = model(idx[:, t : t + 1], fast_cache, head_mask=heads, last_only=True)
+            torch.testing.assert_close(step, plain(idx[:, t : t + 1], plain_cache, head_mask=heads, last_only=True), **LAYOUT_TOL)
+        trace_fast, trace_plain = Trace(names=None), Trace(names=None)
+        model(idx, trace=trace_fast)
+        plain(idx, trace=trace_plain)
+    assert trace_fast.tensors.keys() == trace_plain.tensors.keys()
+    for key, t in trace_fast.tensors.items():
+        torch.testing.assert_close(t, trace_plain.tensors[key], **LAYOUT_TOL)
+
+
+def test_layout_keeps_names_counts_values_and_tying():
+    cfg = layout_cfg(True, True)
+    model = wiggled(cfg)
+    plain = plain_copy(model)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, plain.state_dict()[k]) and v.shape == plain.state_dict()[k].shape, k
+    assert n_params(model) == n_params(plain) == count_params(cfg)
+    # Idempotent: a second call copies nothing.
+    before = [p.data_ptr() for p in model.parameters()]
+    model.optimize_layout_()
+    assert [p.data_ptr() for p in model.parameters()] == before
+    # The three projections are views of one buffer; the tied head is one Parameter.
+    att = model.trf_blocks[1].att
+    assert att.W_key.weight.untyped_storage().data_ptr() == att.W_query.weight.untyped_storage().data_ptr()
+    assert model.out_head.weight is model.tok_emb.weight
+
+
+def test_the_source_state_dict_loads_into_the_fast_layout():
+    cfg = layout_cfg(True, False)
+    source = plain_copy(wiggled(cfg, seed=3))  # a checkpoint saved in the book's layout
+    book_state = {k: v.clone() for k, v in source.state_dict().items()}
+    idx = torch.randint(0, 211, (1, 25))
+    copied = GPTModel(cfg).eval()
+    copied.load_state_dict(book_state)  # copies into the existing (fast) layout
+    with torch.no_grad():
+        expected = copied(idx)
+        torch.testing.assert_close(expected, source(idx), **LAYOUT_TOL)
+    assert not is_plain(copied)
+    # assign=True (what gptviz.weights does) replaces the Parameters by the checkpoint's own
+    # tensors; the model lays them out again.
+    with torch.device("meta"):
+        assigned = GPTModel(cfg)
+    assigned.load_state_dict({k: v.clone() for k, v in book_state.items()}, assign=True)
+    for block in assigned.trf_blocks:  # the causal masks are in no checkpoint (as gptviz.weights does)
+        block.att.mask = torch.triu(torch.ones(40, 40, dtype=torch.bool), diagonal=1)
+    assert not is_plain(assigned)
+    with torch.no_grad():
+        assert torch.equal(assigned.eval()(idx), expected)  # exact: the same layout, the same kernels
+
+
+def test_assign_load_of_a_tied_checkpoint_ties_again():
+    cfg = layout_cfg(False, True)
+    source = wiggled(cfg, seed=4)
+    state = {k: v.contiguous().clone() for k, v in source.state_dict().items() if k != "out_head.weight"}
+    state["out_head.weight"] = state["tok_emb.weight"]  # one tensor under both names, as gptviz.weights builds it
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    model.load_state_dict(state, assign=True)
+    assert model.out_head.weight is model.tok_emb.weight
+    assert model.out_head.weight.t().is_contiguous()  # laid out for the head's product
+    assert n_params(model) == n_params(source)
+
+
+def test_forward_hooks_see_every_projection_and_shapes_do_not_change(tiny_model, tiny_cfg):
+    seen = []
+    att = tiny_model.trf_blocks[0].att
+    handles = [getattr(att, n).register_forward_hook(lambda m, a, o, n=n: seen.append((n, tuple(o.shape))))
+               for n in ("W_query", "W_key", "W_value")]
+    idx = torch.randint(0, 50257, (1, 5))
+    try:
+        with torch.no_grad():
+            hooked = tiny_model(idx)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [("W_key", (1, 5, 32)), ("W_query", (1, 5, 32)), ("W_value", (1, 5, 32))]  # the book's order
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(idx), hooked, **LAYOUT_TOL)  # fused again without hooks
+    assert fused(att)
+
+
+def test_gradients_flow_through_the_plain_path():
+    cfg = layout_cfg(True, False)
+    model = wiggled(cfg, seed=5).train()
+    plain = plain_copy(model).train()
+    idx = torch.randint(0, 211, (2, 12))
+    for m in (model, plain):
+        torch.manual_seed(7)  # the same dropout masks
+        m(idx).logsumexp(-1).sum().backward()
+    grads = dict(plain.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dtype_conversion_and_copies_keep_a_fitting_layout(dtype):
+    model = wiggled(layout_cfg(True, True))
+    low = copy.deepcopy(model).to(dtype)
+    att = low.trf_blocks[0].att
+    # float16/bfloat16 read nn.Linear's (out, in) fastest: rows, still one qkv buffer
+    assert att.W_query.weight.is_contiguous() and low.out_head.weight.is_contiguous()
+    assert fused(att, dtype)
+    assert low.out_head.weight is low.tok_emb.weight and low.dtype == dtype
+    back = copy.deepcopy(low).float()
+    assert not is_plain(back) and back.trf_blocks[0].att.W_query.weight.stride() == (1, 3 * 48)
+    assert model.dtype == torch.float32 and not is_plain(model)  # the original is untouched
+
+
+# --------------------------------------------------------------------------- NEW (float16)
+
+
+def clear_margin_inputs(model: GPTModel, n: int, length: int, margin: float) -> torch.Tensor:
+    """Random sequences whose float32 next-token top-1 leads the runner-up by ``margin``."""
+    g = torch.Generator().manual_seed(11)
+    kept = []
+    with torch.no_grad():
+        while len(kept) < n:
+            idx = torch.randint(0, model.cfg.vocab_size, (1, length), generator=g)
+            top2 = model(idx, last_only=True)[0, -1].topk(2).values
+            if top2[0] - top2[1] > margin:
+                kept.append(idx)
+    return torch.cat(kept)
+
+
+# Tolerances relative to the logit scale (max |logit|): float16 keeps 11 significant bits
+# (unit roundoff 4.9e-4), bfloat16 8 (3.9e-3); rounding the weights and each of ~20 sequential
+# operations (3 blocks) adds a few units each. Measured on this test's inputs: 6e-4 (float16) and
+# 4e-3 (bfloat16) of the scale; 1e-2 and 5e-2 leave >10x room for other CPUs' kernels.
+LOW_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits_agree_with_float32(dtype):
+    cfg = layout_cfg(True, True).replace(emb_dim=64, context_length=64)
+    model = wiggled(cfg, seed=2)
+    low = copy.deepcopy(model).to(dtype)
+    scale_tol = LOW_TOL[dtype]
+    idx = torch.randint(0, 211, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = model(idx), low(idx)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    scale = ref.abs().max().item()
+    assert scale > 1
+    assert (out.float() - ref).abs().max().item() <= scale_tol * scale
+    assert (out.float() - ref).abs().max().item() > 0  # it really ran in low precision
+    # Top-1 agrees wherever float32's lead is far beyond the tolerance.
+    margin = 4 * scale_tol * scale
+    picks = clear_margin_inputs(model, 4, 16, margin)
+    with torch.no_grad():
+        ref_top, low_top = model(picks, last_only=True), low(picks, last_only=True)
+    assert_clear_top1(ref_top, margin)
+    assert torch.equal(ref_top.argmax(-1), low_top.float().argmax(-1))
+    # KV-cached float16 steps agree with their own full recompute (a cached step is what generation runs).
+    cache = KVCache.for_model(low)
+    with torch.no_grad():
+        low(idx[:, :40], cache)
+        step = low(idx[:, 40:41], cache).float()
+    torch.testing.assert_close(step, out[:, 40:41].float(), atol=scale_tol * scale, rtol=0)
+
+
+def test_float16_layernorm_softmax_and_gelu_stay_finite():
+    # GPT-2's residual stream has a few dimensions of O(1000): their squares overflow float16 (65504).
+    x = torch.randn(3, 768, generator=torch.Generator().manual_seed(0))
+    x[:, 5] = 3000.0
+    ln = LayerNorm(768)
+    with torch.no_grad():
+        ln.scale.add_(0.1 * torch.randn(768))
+    ln16 = copy.deepcopy(ln).half()
+    y16 = ln16(x.half())
+    assert y16.dtype == torch.float16 and torch.isfinite(y16).all()
+    # float16 output rounding: 2^-11 relative of |y| <= ~30 -> 1.5e-2; inputs rounded to float16 too.
+    torch.testing.assert_close(y16.float(), ln(x.half().float()), atol=2e-2, rtol=1e-3)
+    # GELU: x**3 overflows float16 beyond |x| ~ 40; tanh(±inf) = ±1 gives x and 0, as in float32.
+    g = torch.tensor([-300.0, -50.0, -3.0, -0.5, 0.0, 0.5, 3.0, 50.0, 300.0])
+    g16 = GELU()(g.half())
+    assert torch.isfinite(g16).all()
+    torch.testing.assert_close(g16.float(), GELU()(g), atol=1e-3, rtol=1e-3)  # float16 rounding: 2^-11 relative
+    # The attention's masked -inf and softmax in float16: rows sum to one, zero above the diagonal.
+    att = MultiHeadAttention(16, 16, 8, 0.0, 2).eval().half()
+    trace = Trace(names=["attn_weights"])
+    with torch.no_grad():
+        att(torch.randn(1, 8, 16).half(), trace=trace.layer(0))
+    w = trace.attentions[0]
+    assert w.dtype == torch.float16 and torch.all(w.triu(1) == 0)
+    torch.testing.assert_close(w.float().sum(-1), torch.ones(1, 2, 8), atol=2e-3, rtol=0)  # 8 terms, 2^-11 each
