@@ -16,6 +16,7 @@ results are plain pandas DataFrames, small dataclasses and strings that a UI can
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import inspect
@@ -26,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Generator, Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -45,6 +46,10 @@ __all__ = [
     "parse_heads",
     "head_mask_for",
     "ablate",
+    "ablate_in_slices",
+    "compare_precisions_in_slices",
+    "next_logits_in_slices",
+    "finish",
     "AblationResult",
     "low_precision_copy",
     "compare_precision",
@@ -85,6 +90,44 @@ def _next_logits(model: GPTModel, batch: torch.Tensor, head_mask: torch.Tensor |
     return model(batch, head_mask=head_mask, last_only=True)[0, -1].cpu()
 
 
+#: A computation that can pause: it yields ``None`` between slices of work and returns its result.
+Slices = Generator[None, None, Any]
+
+
+def finish(work: Slices) -> Any:
+    """Run sliced work to the end, without pausing; its result."""
+    while True:
+        try:
+            next(work)
+        except StopIteration as done:
+            return done.value
+
+
+def next_logits_in_slices(model: GPTModel, batch: torch.Tensor, head_mask: torch.Tensor | None = None,
+                          slice_len: int | None = None, clock: list[float] | None = None) -> Slices:
+    """:func:`_next_logits` as sliced work: with ``slice_len``, the positions run through a KV cache
+    ``slice_len`` at a time, pausing after each slice (so a long input does not hold a shared model
+    for a whole forward; the logits agree with the one-pass forward to float tolerance, as a cached
+    step does). ``clock``: compute seconds are added to ``clock[0]`` (pauses excluded)."""
+    t0 = time.perf_counter()
+    n = batch.shape[1]
+    if slice_len is None or n <= slice_len:
+        logits = _next_logits(model, batch, head_mask)
+    else:
+        cache = KVCache.for_model(model)
+        with torch.no_grad():
+            for start in range(0, n - slice_len, slice_len):
+                model(batch[:, start : start + slice_len], cache, head_mask=head_mask, last_only=True)
+                if clock is not None:
+                    clock[0] += time.perf_counter() - t0
+                yield
+                t0 = time.perf_counter()
+            logits = model(batch[:, cache.length :], cache, head_mask=head_mask, last_only=True)[0, -1].cpu()
+    if clock is not None:
+        clock[0] += time.perf_counter() - t0
+    return logits
+
+
 #: Columns of :func:`side_by_side`: run a's top-k ids and probabilities, the probability run b
 #: gives those same tokens, and run b's own top-k.
 PAIR_COLUMNS = ("rank", "a_id", "a_p", "b_p_same", "b_id", "b_p")
@@ -112,6 +155,38 @@ _ATTENTION_NAMES = tuple(n for n in TRACE_NAMES if n not in (RESIDUAL, "resid_mi
 @functools.cache
 def _source_lines() -> tuple[str, ...]:
     return tuple(inspect.getsource(model_module).splitlines())
+
+
+def _assigned(target: ast.expr) -> set[str]:
+    if isinstance(target, ast.Name):
+        return {target.id}
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return set().union(*(_assigned(t) for t in target.elts))
+    return set()
+
+
+@functools.cache
+def _made_at() -> dict[int, int]:
+    """For each ``record(NAME, var)`` call in gptviz/model.py (the model records a tensor right
+    after making it): the line of the last statement before it, in the same block, that assigns
+    ``var`` — the line that made the recorded tensor. Read from the syntax tree, so renaming a
+    variable (consistently) cannot break it."""
+    made: dict[int, int] = {}
+    for node in ast.walk(ast.parse("\n".join(_source_lines()))):
+        for block in (getattr(node, f, None) for f in ("body", "orelse")):
+            if not isinstance(block, list):
+                continue
+            for i, stmt in enumerate(block):
+                call = stmt.value if isinstance(stmt, ast.Expr) else None
+                if not (isinstance(call, ast.Call) and getattr(call.func, "id", None) == "record"
+                        and len(call.args) == 2 and isinstance(call.args[1], ast.Name)):
+                    continue
+                var = call.args[1].id
+                maker = next((prev for prev in reversed(block[:i]) if isinstance(prev, ast.Assign)
+                              and any(var in _assigned(t) for t in prev.targets)), None)
+                if maker is not None:
+                    made[stmt.lineno] = maker.lineno
+    return made
 
 
 def model_source(obj: Any = None) -> tuple[str, int]:
@@ -149,8 +224,8 @@ class _ShapeTrace(Trace):
             self.lines[(layer, name)] = line
 
 
-def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False) -> pd.DataFrame:
-    """Every module call of one real forward pass over ``ids``, in forward order (a parent
+def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False, meta: bool = True) -> pd.DataFrame:
+    """Every module call of one forward pass over ``ids``, in forward order (a parent
     before its children), with the attention intermediates the model's :class:`Trace`
     records (split queries/keys/values, scores, weights, per-head context) in place.
 
@@ -160,11 +235,18 @@ def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False) -> pd.D
     produced the tensor, see :func:`model_source`) and ``code`` (that line's text).
     ``collapse=True`` applies :func:`collapse_blocks`.
 
-    Shapes are taken by forward hooks, removed before returning. They are safe on a model
-    shared between threads: each hook records only calls made by the thread that
-    registered it, so other users' forward passes are neither recorded nor changed.
+    Shapes are taken by forward hooks, removed before returning. ``meta=True`` (the default)
+    runs the model's own forward code on a twin built on PyTorch's ``meta`` device: tensors
+    with shapes and dtypes but no numbers, so tracing a 1,024-token input takes milliseconds
+    and never touches the shared model. With ``meta=False`` the hooks sit on ``model`` itself;
+    they are safe on a model shared between threads: each hook records only calls made by the
+    thread that registered it, so other users' forward passes are neither recorded nor changed.
     """
     batch = _batch(model, ids)
+    if meta:  # the same code, no arithmetic: shapes only
+        with torch.device("meta"):
+            model = type(model)(model.cfg).to(model.dtype).eval()
+        batch = batch.to("meta")
     owner = threading.get_ident()
     rows: list[dict[str, Any]] = []
     open_rows: list[dict[str, Any]] = []  # rows of the calls under way, innermost last
@@ -217,9 +299,10 @@ def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False) -> pd.D
                 "kind": "traced tensor",
                 "input": "",
                 "output": str(trace.shapes[(i, name)]),
-                "line": trace.lines[(i, name)],  # where the model recorded it, right after making it
+                "line": _made_at().get(line, line),  # the line that made it (the record call follows it)
             }
             for name in _ATTENTION_NAMES
+            for line in [trace.lines[(i, name)]]
         ]
         rows[start:end] = sorted(rows[start:end] + traced, key=lambda r: r["line"])
 
@@ -328,6 +411,13 @@ def ablate(model: GPTModel, ids: TokenIds, heads: HeadSpec, top_k: int = 10) -> 
     (0 switches a head off). The heads' per-head outputs are multiplied by the mask before
     ``out_proj`` through the model's ``head_mask`` argument; the model is not modified.
     """
+    return finish(ablate_in_slices(model, ids, heads, top_k))
+
+
+def ablate_in_slices(model: GPTModel, ids: TokenIds, heads: HeadSpec, top_k: int = 10,
+                     slice_len: int | None = None) -> Slices:
+    """:func:`ablate` as sliced work (see :func:`next_logits_in_slices`); returns the AblationResult.
+    Both runs are computed the same way, so with no head off they are equal exactly."""
     cfg = model.cfg
     batch = _batch(model, ids)
     if isinstance(heads, torch.Tensor):
@@ -338,8 +428,8 @@ def ablate(model: GPTModel, ids: TokenIds, heads: HeadSpec, top_k: int = 10) -> 
     else:
         off = tuple(sorted(parse_heads(heads, cfg.n_layers, cfg.n_heads)))
         mask = head_mask_for(off, cfg)
-    normal = _next_logits(model, batch)
-    ablated = _next_logits(model, batch, mask.to(model.device))
+    normal = yield from next_logits_in_slices(model, batch, None, slice_len)
+    ablated = yield from next_logits_in_slices(model, batch, mask.to(model.device), slice_len)
     change = (ablated.float() - normal.float()).abs().max().item()
     return AblationResult(
         heads=off,
@@ -374,14 +464,16 @@ class PrecisionResult:
     table: pd.DataFrame  # top-k of both side by side (a = reference, b = low precision)
 
 
-def _timed(fn: Any, repeats: int) -> tuple[Any, float]:
-    """``fn()``'s result and the median of ``repeats`` timings in ms (after one warm-up)."""
-    result, times = fn(), []
+def _timed(model: GPTModel, batch: torch.Tensor, repeats: int, slice_len: int | None) -> Slices:
+    """Sliced work returning (next-token logits, median ms of ``repeats`` forwards after one warm-up);
+    the time counts computation only, never the pauses between slices."""
+    logits = yield from next_logits_in_slices(model, batch, None, slice_len)
+    times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return result, statistics.median(times)
+        clock = [0.0]
+        yield from next_logits_in_slices(model, batch, None, slice_len, clock)
+        times.append(clock[0] * 1000)
+    return logits, statistics.median(times)
 
 
 def compare_precision(
@@ -394,33 +486,42 @@ def compare_precision(
 ) -> PrecisionResult:
     """The current step's next-token logits from ``model`` (fp32) and from a low-precision
     copy (``low_model``, e.g. a cached :func:`low_precision_copy`; a ``dtype`` copy is made
-    temporarily if not given): largest logit difference, agreement of top-1 and the top-k set, and the median
-    time of ``repeats`` forwards of each."""
+    temporarily if not given): largest logit difference, agreement of top-1 and the top-k set,
+    and the median time of ``repeats`` forwards of each."""
     if low_model is None:
         low_model = low_precision_copy(model, dtype)
-    elif low_model.cfg != model.cfg:
-        raise ValueError("low_model must have the same configuration as model")
+    return finish(compare_precisions_in_slices(model, ids, [low_model], top_k, repeats))[0]
+
+
+def compare_precisions_in_slices(model: GPTModel, ids: TokenIds, low_models: Sequence[GPTModel], top_k: int = 10,
+                                 repeats: int = 3, slice_len: int | None = None) -> Slices:
+    """:func:`compare_precision` against several low-precision copies at once (the reference runs
+    once), as sliced work; returns one PrecisionResult per copy."""
+    for low_model in low_models:
+        if low_model.cfg != model.cfg:
+            raise ValueError("low_model must have the same configuration as model")
     batch = _batch(model, ids)
-    ref, ms_ref = _timed(lambda: _next_logits(model, batch), repeats)
-    low, ms_low = _timed(lambda: _next_logits(low_model, batch), repeats)
-    low = low.float()
-    k = min(top_k, ref.numel())
-    ref_top, low_top = set(ref.topk(k).indices.tolist()), set(low.topk(k).indices.tolist())
-    diff = (low - ref.float()).abs().max().item()
-    top1 = int(ref.argmax()) == int(low.argmax())
-    return PrecisionResult(
-        dtype=low_model.dtype,
-        reference_dtype=model.dtype,
-        logits=ref,
-        low_logits=low,
-        max_abs_diff=diff,
-        top1_agree=top1,
-        topk_agree=ref_top == low_top,
-        topk_overlap=len(ref_top & low_top),
-        ms_reference=ms_ref,
-        ms_low=ms_low,
-        table=side_by_side(ref, low, top_k),
-    )
+    ref, ms_ref = yield from _timed(model, batch, repeats, slice_len)
+    results = []
+    for low_model in low_models:
+        low, ms_low = yield from _timed(low_model, batch, repeats, slice_len)
+        low = low.float()
+        k = min(top_k, ref.numel())
+        ref_top, low_top = set(ref.topk(k).indices.tolist()), set(low.topk(k).indices.tolist())
+        results.append(PrecisionResult(
+            dtype=low_model.dtype,
+            reference_dtype=model.dtype,
+            logits=ref,
+            low_logits=low,
+            max_abs_diff=(low - ref.float()).abs().max().item(),
+            top1_agree=int(ref.argmax()) == int(low.argmax()),
+            topk_agree=ref_top == low_top,
+            topk_overlap=len(ref_top & low_top),
+            ms_reference=ms_ref,
+            ms_low=ms_low,
+            table=side_by_side(ref, low, top_k),
+        ))
+    return results
 
 
 # --------------------------------------------------------------------------- KV cache

@@ -103,9 +103,6 @@ def test_shapes_trace_the_tokens_the_next_step_reads(view, gen, a, tiny_cfg):
     assert "the 2 tokens the next Step reads (2 prompt + 0 generated tokens)" in other
 
 
-@pytest.mark.xfail(strict=True, reason="bug in gptviz/ui/inside.py InsideView.shapes: it highlights the line of "
-                   "the attn_scores row, which since the Trace keeps the recording line is "
-                   "`record(ATTN_SCORES, attn_scores)  # NEW (trace)`, not the line that makes the scores")
 def test_shapes_highlight_where_the_attention_scores_are_made(view, a):
     number, text = highlighted(view.shapes(PROMPT, False, a).code)
     assert "attn_scores = queries @ keys" in text and MODEL_LINES[number - 1].strip() == text.strip()

@@ -3,7 +3,7 @@ bfloat16 and float16, and the visitor's KV cache layer by layer."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import gradio as gr
 import pandas as pd
@@ -13,16 +13,16 @@ import torch
 from .. import plots
 from ..config import GPTConfig
 from ..formatting import dtype_name, flops, nbytes, percent
-from ..inside import (ablate, cache_savings, compare_precision, forward_flops, kv_cache_table, model_source,
-                      trace_shapes)
+from ..inside import (Slices, ablate_in_slices, cache_savings, compare_precisions_in_slices, forward_flops,
+                      kv_cache_table, model_source, trace_shapes)
 from ..model import GPTModel, MultiHeadAttention
 from ..settings import DTYPES
 from ..tokenizer import get_encoding, label
 from .html import code_html, esc, tok
 from .inputs import check_text, prompt_ids
-from .outputs import components
+from .outputs import components, skip
 from ..weights import estimated_bytes
-from .serving import AppContext, Visitor, error
+from .serving import AppContext, Turns, Visitor, error
 
 #: The shape table's columns and widths; ``line`` is the line of gptviz/model.py a row comes from.
 SHAPE_COLUMNS = {"module": "40%", "input": "24%", "output": "24%", "line": "12%"}
@@ -33,6 +33,9 @@ PAIR_WIDTHS = ["6%", "25%", "13%", "17%", "25%", "14%"]
 KV_COLUMNS = ["layer", "K shape", "V shape", "allocated shape", "filled", "allocated"]
 KV_CURVE_POINTS = 64  # contexts at which the KV view's chart counts the work of a step
 LOW_DTYPES = ("bfloat16", "float16")  # compared with float32
+#: Long analyses run through the model this many positions at a time and give the model back to
+#: waiting Steps between slices (~0.1 s of work each for the 124M model on 2 CPU cores).
+SLICE = 128
 
 
 class Shapes(NamedTuple):
@@ -147,7 +150,29 @@ class InsideView:
         except (TypeError, ValueError, IndexError):
             return gr.skip()
 
-    def ablation(self, prompt: str, heads: str, request: gr.Request) -> Ablation:
+    @staticmethod
+    def _in_slices(work: Slices, idle: Any, progress: gr.Progress | None, desc: str, total: int) -> Iterator[Any]:
+        """Drive sliced work, yielding ``idle`` (nothing to redraw) between slices so the model's
+        turn passes to waiting Steps, and reporting progress; returns the work's result."""
+        done = 0
+        while True:
+            try:
+                next(work)
+            except StopIteration as finished:
+                return finished.value
+            except ValueError as e:  # the visitor's input did not fit the model
+                raise error(f"{e}.") from None
+            done += 1
+            if progress is not None:
+                progress(min(done / total, 1.0), desc=desc)
+            yield idle
+
+    @staticmethod
+    def _slices(n_tokens: int, forwards: int) -> int:
+        return forwards * max(1, -(-n_tokens // SLICE))
+
+    def ablation(self, prompt: str, heads: str, request: gr.Request,
+                 progress: gr.Progress = gr.Progress()) -> Iterator[Ablation]:
         """Switch attention heads off for the next token (``"0.3, 5.1"``: block.head; ``"L4H*"`` or
         ``"4.*"``: every head of block 4): (summary, top-k normal vs ablated, chart). The shared
         model is not modified: the heads' outputs are zeroed through the forward pass's head mask."""
@@ -157,10 +182,9 @@ class InsideView:
             raise error("Type the heads to switch off as block.head, e.g. 0.3, 5.1, or L4H* for every head of "
                         "block 4.")
         model, ids, _ = self._input(v, prompt)
-        try:
-            r = ablate(model, ids, spec, top_k=self.ctx.settings.top_k)
-        except ValueError as e:
-            raise error(f"{e}.") from None
+        work = ablate_in_slices(model, ids, spec, top_k=self.ctx.settings.top_k, slice_len=SLICE)
+        r = yield from self._in_slices(work, skip(Ablation), progress, "Switching heads off",
+                                       self._slices(len(ids), 2))
         cfg = model.cfg
         normal, ablated = int(r.logits.argmax()), int(r.ablated_logits.argmax())
         verdict = (f'<span class="no">top-1 changed</span>: {tok(normal)} → {tok(ablated)}' if r.top1_changed else
@@ -175,9 +199,10 @@ class InsideView:
             [f"{label(i, None, 16)}  ({i})" for i in shown], p_normal[shown].tolist(), p_ablated[shown].tolist(),
             names=("normal", "ablated"), height=COMPARE_HEIGHT,
             title=f"Next token, normal and with {len(r.heads)} head{'s' if len(r.heads) > 1 else ''} off")
-        return Ablation(summary, pair_table(r.table, "normal", "ablated"), figure)
+        yield Ablation(summary, pair_table(r.table, "normal", "ablated"), figure)
 
-    def precision(self, prompt: str, request: gr.Request) -> Precision:
+    def precision(self, prompt: str, request: gr.Request,
+                  progress: gr.Progress = gr.Progress()) -> Iterator[Precision]:
         """The next token in float32, bfloat16 and float16: (summary: largest logit difference,
         top-1 and top-k agreement, ms per forward; top-k side by side). Each low-precision copy is
         made once per shared model, within the memory limit."""
@@ -193,8 +218,10 @@ class InsideView:
                         f"{need / 1e9:.2f} GB in all; this app allows {limit / 1e9:.2f} GB (GPTVIZ_MAX_MODEL_BYTES).")
         repeats = max(1, min(3, 256 // len(ids)))  # timed forwards: fewer on long texts (a 1024-token one takes ~1 s)
         k = min(self.ctx.settings.top_k, cfg.vocab_size)
-        runs = [compare_precision(model, ids, low_model=self.ctx.models.low_precision(v.spec, DTYPES[d]), top_k=k,
-                                  repeats=repeats) for d in LOW_DTYPES]
+        lows = [self.ctx.models.low_precision(v.spec, DTYPES[d]) for d in LOW_DTYPES]
+        work = compare_precisions_in_slices(model, ids, lows, top_k=k, repeats=repeats, slice_len=SLICE)
+        runs = yield from self._in_slices(work, skip(Precision), progress, "Comparing float32, bfloat16, float16",
+                                          self._slices(len(ids), (1 + repeats) * (1 + len(lows))))
         p_ref = torch.softmax(runs[0].logits.float(), -1)
         top_ref = int(p_ref.argmax())
         yes_no = {True: '<span class="yes">{}</span>', False: '<span class="no">{}</span>'}
@@ -221,7 +248,7 @@ class InsideView:
         table.insert(4, "p float16, same token", [percent(p) for p in fp16["b_p_same"]])
         table["float16"] = [f"{label(i, None, 16)} ({i})" for i in fp16["b_id"]]
         table["p float16"] = [percent(p) for p in fp16["b_p"]]
-        return Precision(summary, table)
+        yield Precision(summary, table)
 
     def _work_figure(self, cfg: GPTConfig, now: int) -> go.Figure:
         """FLOPs of one step with and without the KV cache at every context length (``now`` marked)."""
@@ -339,11 +366,14 @@ class InsideView:
         """``tab``: opening it traces; ``prompt``: the Generate view's prompt box (the text traced)."""
         c, ctx = self.c, self.ctx
         event = ctx.model_event
-        gr.on([tab.select, c["expand"].input], ctx.turns(self.shapes), [prompt, c["expand"]], components(Shapes, c),
+        slow = Turns.ANALYSIS  # waiting Steps go first
+        shown = {**event, "show_progress": "full"}  # slices report progress
+        gr.on([tab.select, c["expand"].input], ctx.turns(self.shapes, slow), [prompt, c["expand"]],
+              components(Shapes, c),
               api_name="shapes", trigger_mode="always_last", **event).then(
             ctx.turns(self.kv_cache), None, components(Cache, c), api_name="kv_cache", show_progress="hidden")
         c["shape_table"].select(self.shape_line, None, c["code"], api_visibility="private", show_progress="hidden")
-        gr.on([c["ablate_btn"].click, c["heads_box"].submit], ctx.turns(self.ablation), [prompt, c["heads_box"]],
-              components(Ablation, c), api_name="ablate", **event)
-        c["precision_btn"].click(ctx.turns(self.precision), [prompt], components(Precision, c),
-                                 api_name="precision", **event)
+        gr.on([c["ablate_btn"].click, c["heads_box"].submit], ctx.turns(self.ablation, slow),
+              [prompt, c["heads_box"]], components(Ablation, c), api_name="ablate", **shown)
+        c["precision_btn"].click(ctx.turns(self.precision, slow), [prompt], components(Precision, c),
+                                 api_name="precision", **shown)

@@ -24,6 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -37,7 +38,7 @@ from ..model import GPTModel
 from ..settings import DTYPES, RANDOM, SEED, Settings
 from ..weights import WeightsError, estimated_bytes, is_allowed_name, load_pretrained
 
-__all__ = ["ModelSpec", "ModelStore", "Visitor", "Visitors", "AppContext", "build_model", "error"]
+__all__ = ["ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "AppContext", "build_model", "error"]
 
 
 def error(message: str) -> gr.Error:
@@ -251,6 +252,52 @@ class Visitors:
             return sum(v.session is not None for v in self._by_id.values())
 
 
+# --------------------------------------------------------------------------- turns on the model
+
+
+class Turns:
+    """One unit of model work at a time, steps first: a waiting Step (priority 0) goes before
+    waiting analyses (priority 1), which run in slices, so a long analysis never holds the
+    model for more than one slice while visitors press Step. Same priority: first come, first served."""
+
+    STEP, ANALYSIS = 0, 1
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._waiting: list[tuple[int, int]] = []  # (priority, ticket), in arrival order
+        self._tickets = 0
+
+    def _first(self) -> tuple[int, int]:
+        return min(self._waiting)
+
+    def acquire(self, priority: int = STEP) -> None:
+        with self._cond:
+            self._tickets += 1
+            me = (priority, self._tickets)
+            self._waiting.append(me)
+            while self._busy or self._first() != me:
+                self._cond.wait()
+            self._waiting.remove(me)
+            self._busy = True
+
+    def release(self) -> None:
+        with self._cond:
+            self._busy = False
+            self._cond.notify_all()
+
+    def locked(self) -> bool:
+        return self._busy
+
+    @contextmanager
+    def turn(self, priority: int = STEP) -> Iterator[None]:
+        self.acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()
+
+
 # --------------------------------------------------------------------------- the context
 
 
@@ -264,7 +311,7 @@ class AppContext:
         self.models = ModelStore(lambda spec: build_model(spec, self.device), self.settings.model_store_capacity)
         s = self.settings
         self.visitors = Visitors(self.default_spec, s.max_sessions, s.max_live_sessions, s.session_ttl_s)
-        self.turn = threading.Lock()  # one unit of model work at a time
+        self.turn = Turns()  # one unit of model work at a time, steps first
 
     # --- visitors and their models
     def visitor(self, request: Any) -> Visitor:
@@ -299,24 +346,28 @@ class AppContext:
         return dict(concurrency_id="model", concurrency_limit=self.settings.model_concurrency,
                     show_progress="hidden")
 
-    def turns(self, fn: Callable) -> Callable:
-        """``fn`` run under the model's turn lock; for a generator, each item under it (free in
-        between, so a Step ×N lets other visitors' Steps run between its steps)."""
-        lock = self.turn
+    def turns(self, fn: Callable, priority: int = Turns.STEP) -> Callable:
+        """``fn`` run in a turn on the model; for a generator, each item in a turn of its own (free
+        in between, so a Step ×N or a sliced analysis lets other visitors' Steps run between its
+        items). Analyses pass ``priority=Turns.ANALYSIS``: waiting Steps go first."""
+        turns = self.turn
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
             def stream(*args: Any, **kwargs: Any) -> Iterator[Any]:
                 items = fn(*args, **kwargs)
-                while True:
-                    with lock:
-                        item = next(items, StopIteration)
-                    if item is StopIteration:
-                        return
-                    yield item
+                try:
+                    while True:
+                        with turns.turn(priority):
+                            item = next(items, StopIteration)
+                        if item is StopIteration:
+                            return
+                        yield item
+                finally:
+                    items.close()  # a visitor who left mid-analysis: its slices stop here
             return stream
 
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
-            with lock:
+            with turns.turn(priority):
                 return fn(*args, **kwargs)
         return call
