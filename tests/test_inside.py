@@ -26,6 +26,9 @@ from gptviz.inside import (
     model_source,
     parse_heads,
     trace_shapes,
+    ablate_in_slices,
+    compare_precisions_in_slices,
+    finish,
 )
 
 pytestmark = pytest.mark.numeric  # .ci/run runs this file again on another CPU code path
@@ -393,3 +396,42 @@ def test_ids_are_one_sequence_cropped_to_the_context(tiny_model, tiny_cfg):
     for bad, message in (([], "no tokens"), (torch.zeros(2, 3, dtype=torch.long), "one sequence")):
         with pytest.raises(ValueError, match=message):
             ablate(tiny_model, bad, "")
+
+
+# --------------------------------------------------------------------------- sliced work
+
+
+def test_sliced_analyses_pause_between_slices_and_agree_with_one_pass(tiny_model, tiny_cfg):
+    ids = list(range(100, 150))  # 50 tokens: 4 slices of 16 (13 + 3 pauses per forward)
+    one_pass = ablate(tiny_model, ids, "0.1, 1.*")
+    work = ablate_in_slices(tiny_model, ids, "0.1, 1.*", slice_len=16)
+    pauses = 0
+    while True:
+        try:
+            assert next(work) is None
+            pauses += 1
+        except StopIteration as done:
+            sliced = done.value
+            break
+    assert pauses == 2 * 3  # two forwards (normal, ablated), each pausing after 3 of its 4 slices
+    # Not bit-exact: sliced runs go through a KV cache (other matrix shapes). float32 logits of
+    # this size agree to a few ulps; 1e-5 absolute is the cached-vs-uncached bound used throughout.
+    torch.testing.assert_close(sliced.logits, one_pass.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(sliced.ablated_logits, one_pass.ablated_logits, atol=1e-5, rtol=0)
+    assert sliced.heads == one_pass.heads
+    nothing_off = finish(ablate_in_slices(tiny_model, ids, "", slice_len=16))
+    assert torch.equal(nothing_off.logits, nothing_off.ablated_logits)  # exact: both runs are computed the same way
+
+
+def test_sliced_precision_compares_several_copies_against_one_reference(tiny_model):
+    ids = list(range(200, 240))
+    lows = [low_precision_copy(tiny_model, torch.bfloat16), low_precision_copy(tiny_model, torch.float16)]
+    results = finish(compare_precisions_in_slices(tiny_model, ids, lows, top_k=5, repeats=1, slice_len=16))
+    assert [r.dtype for r in results] == [torch.bfloat16, torch.float16]
+    assert torch.equal(results[0].logits, results[1].logits)  # one reference run, shared
+    expected = normal_logits(tiny_model, ids)
+    torch.testing.assert_close(results[0].logits, expected, atol=1e-5, rtol=0)  # sliced vs one pass, float32
+    for r, low in zip(results, lows):
+        # A half-precision copy: ~3 (bf16) or ~4 (fp16) significant digits of logits of size ~1.
+        torch.testing.assert_close(r.low_logits, normal_logits(low, ids).float(), atol=0.05, rtol=0.05)
+        assert r.ms_reference > 0 and r.ms_low > 0
