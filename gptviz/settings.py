@@ -79,6 +79,7 @@ class Settings:
     max_sessions: int = 1_000  # Gradio's per-session records, least recently used dropped
     model_concurrency: int = 16  # model events admitted at once (they take turns on the model)
     model_store_capacity: int = 3  # shared models kept built
+    max_uploads: int = 2  # visitors' own uploaded models held at once (least recently used released)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -3,6 +3,7 @@ released GPT-2 weights, in float32, bfloat16 or float16), its card, and switchin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import gradio as gr
@@ -11,10 +12,14 @@ from ..config import CONFIG_FIELDS, PRESETS, config_from_fields
 from ..params import count_params
 from ..settings import DTYPES, RANDOM, SEED
 from ..tokenizer import get_encoding
-from ..weights import PRETRAINED_NAMES, estimated_bytes, is_allowed_name
+from ..weights import (PRETRAINED_NAMES, NeedsHeadsError, WeightsError, estimated_bytes, hub_repo_id, is_allowed_name,
+                       load_upload, pretrained_config, weights_source)
 from .generate import Details, Main
+from .html import md_code
 from .outputs import components
-from .serving import AppContext, ModelSpec, Visitor, error
+from .serving import UPLOAD, AppContext, ModelSpec, Visitor, error
+
+UPLOAD_TYPES = [".safetensors", ".pth", ".pt"]
 
 #: The weights selector: random weights (seed 123) or a released GPT-2.
 WEIGHT_CHOICES = [(f"random weights (seed {SEED})", RANDOM)] + [(n, n) for n in PRETRAINED_NAMES]
@@ -32,15 +37,27 @@ class ModelView:
         self.c: dict[str, Any] = {}
 
     def card(self, v: Visitor) -> str:
-        """The visitor's model: source, size, device, dtype and configuration (Markdown)."""
-        spec, models = v.spec, self.ctx.models
-        loaded = spec in models
-        model = models.get(spec) if loaded else None
-        cfg = model.cfg if model is not None else spec.cfg or PRESETS.get(spec.source)
+        """The visitor's model: where its weights came from, size, device, dtype and configuration."""
+        spec = v.spec
+        if spec.source == UPLOAD:
+            model, loaded = v.own, v.own is not None
+        else:
+            loaded = spec in self.ctx.models
+            model = self.ctx.models.get(spec) if loaded else None
+        cfg = model.cfg if model is not None else spec.cfg or (pretrained_config(spec.source)
+                                                               if is_allowed_name(spec.source) else None)
+        src = weights_source(model) if model is not None else None
         if spec.source == RANDOM:
             origin = f"random initialisation, `torch.manual_seed({SEED})` before `GPTModel(cfg)` (as the source)"
+        elif spec.source == UPLOAD:
+            origin = f"your upload {md_code(src.filename if src and src.filename else spec.name)}"
+            if src is not None and src.sha256:
+                origin += f", sha256 `{src.sha256_prefix}…`"
         elif is_allowed_name(spec.source):
-            origin = f"released GPT-2 weights, Hugging Face Hub `openai-community/{spec.source}`"
+            kind = "the book's converted GPT-2 weights" if spec.source.startswith("book:") else "released weights"
+            origin = f"{kind}, Hugging Face Hub `{hub_repo_id(spec.source)}`"
+            if src is not None and src.revision:
+                origin += f" at revision `{src.revision[:12]}`"
         else:
             origin = "a checkpoint chosen by the operator"
         rows = [("weights", origin), ("device", str(model.device if model is not None else self.ctx.device)),
@@ -48,24 +65,25 @@ class ModelView:
         if cfg is not None:
             size = estimated_bytes(cfg, DTYPES[spec.dtype])
             rows += [("parameters", f"{count_params(cfg):,}"), ("memory for weights", f"{size / 1e9:.2f} GB")]
-            rows.append(("config", " · ".join(f"`{f}={getattr(cfg, f)}`" for f in CONFIG_FIELDS)))
+            inferred = " (read from the tensors)" if spec.source == UPLOAD else ""
+            rows.append(("config" + inferred, " · ".join(f"`{f}={getattr(cfg, f)}`" for f in CONFIG_FIELDS)))
         table = "\n".join(f"| {k} | {val} |" for k, val in rows)
         return f"### {spec.label}\n\n| property | value |\n|---|---|\n{table}\n"
 
     def model_card(self, request: gr.Request) -> str:
         return self.card(self.ctx.visitor(request))
 
-    def _use(self, v: Visitor, spec: ModelSpec, progress: gr.Progress | None) -> Switched:
+    def _use(self, v: Visitor, spec: ModelSpec, progress: gr.Progress | None, own: Any = None) -> Switched:
         """Switch the visitor to ``spec`` after the memory check (keeping the old model on failure)."""
         size, limit = spec.weight_bytes(), self.ctx.settings.max_model_bytes
         if size is not None and size > limit:
             raise error(f"{spec.label} needs {size / 1e9:.2f} GB for its weights; this app allows "
                         f"{limit / 1e9:.2f} GB (GPTVIZ_MAX_MODEL_BYTES). Choose bfloat16 or a smaller model.")
-        if progress is not None:
+        if progress is not None and own is None:
             progress(0, desc=f"Loading {spec.label} …")
-        model = self.ctx.model(Visitor(spec))  # loads outside the visitor's lock; a failure keeps the old model
+        model = own if own is not None else self.ctx.model(Visitor(spec))  # a failure keeps the old model
         with v.lock:
-            v.spec, v.session = spec, None
+            v.spec, v.session, v.own = spec, None, own
         gr.Info(f"Now using {spec.label}: press Step on the Generate tab.")
         message = f"Model changed to {spec.label}: press Step"
         cfg = model.cfg
@@ -105,6 +123,53 @@ class ModelView:
                         f"(the Parameters tab has {cfg.vocab_size:,}).")
         return self._use(self.ctx.visitor(request), ModelSpec(RANDOM, cfg, self._dtype(dtype)), progress)
 
+    @property
+    def upload_off_reason(self) -> str | None:
+        """Why visitors may not upload here (None: they may)."""
+        s = self.ctx.settings
+        if s.allow_upload:
+            return None
+        if s.on_space:
+            return ("Uploads are off on this public Space (each upload takes server memory shared by every "
+                    "visitor); the operator can allow them with GPTVIZ_ALLOW_UPLOAD=1, or run gptviz locally.")
+        return "Uploads are off on this server (GPTVIZ_ALLOW_UPLOAD=0)."
+
+    def upload(self, file: Any, n_heads: Any, dtype: str, request: gr.Request,
+               progress: gr.Progress = gr.Progress()) -> Switched:
+        """The visitor's own checkpoint (.safetensors, or the book's .pth read with the restricted
+        unpickler): loaded for this visitor only, then the file is deleted."""
+        reason = self.upload_off_reason
+        if reason is not None:
+            raise error(reason)
+        if not file:
+            raise error("Choose a .safetensors or .pth file first.")
+        path = Path(getattr(file, "name", file))
+        heads = None
+        if n_heads not in (None, "", 0):
+            try:
+                heads = int(n_heads)
+            except (TypeError, ValueError):
+                raise error(f"n_heads must be a whole number, got {n_heads!r}.") from None
+        s = self.ctx.settings
+        progress(0, desc=f"Reading {path.name} …")
+        try:
+            model = load_upload(path, n_heads=heads, device=self.ctx.device, dtype=DTYPES[self._dtype(dtype)],
+                                max_bytes=s.max_upload_bytes, max_model_bytes=s.max_model_bytes)
+        except NeedsHeadsError as e:
+            raise error(f"{path.name}: the number of attention heads cannot be read from the tensors (emb_dim "
+                        f"{e.emb_dim} is no released GPT-2's width). Type the n_heads your model was built with, "
+                        "then choose the file and press Load again.") from None
+        except WeightsError as e:
+            raise error(f"Could not load {path.name}: {e}") from None
+        finally:
+            path.unlink(missing_ok=True)  # the upload is deleted once read (loaded or not)
+        src = weights_source(model)
+        name = f"{path.name}" + (f" (sha256 {src.sha256_prefix}…)" if src is not None and src.sha256 else "")
+        v = self.ctx.visitor(request)
+        out = self._use(v, ModelSpec(UPLOAD, model.cfg, dtype, name), None, own=model)
+        self.ctx.visitors.admit_upload(v, s.max_uploads)
+        return out
+
     # --------------------------------------------------------------- layout and wiring
     def build(self) -> dict[str, Any]:
         c, spec0 = self.c, self.ctx.default_spec
@@ -120,6 +185,22 @@ class ModelView:
                             "bfloat16 or float16 for that).", elem_id="model-note")
                 c["build_btn"] = gr.Button("Build random weights from the Parameters tab's configuration",
                                            elem_id="build-btn")
+                reason = self.upload_off_reason
+                with gr.Accordion("Your own model (.safetensors or the book's .pth)", open=reason is None,
+                                  elem_id="upload-acc"):
+                    gr.Markdown(reason or f"Up to {self.ctx.settings.max_upload_bytes / 1e9:.1f} GB: a file saved "
+                                "with `torch.save(model.state_dict(), \"model.pth\")` in chapter 5 (or with its "
+                                "optimizer state), the book's converted GPT-2 files, or a GPT-2 `.safetensors`. "
+                                "Read with torch's restricted unpickler: a file that holds more than tensors is "
+                                "refused and nothing of it runs. Only you see it; it is deleted once loaded.",
+                                elem_id="upload-note")
+                    with gr.Row():
+                        c["upload_file"] = gr.File(label="checkpoint", file_types=UPLOAD_TYPES, type="filepath",
+                                                   interactive=reason is None, elem_id="upload-file", scale=3)
+                        c["upload_heads"] = gr.Number(None, label="n_heads (if not GPT-2's for its width)",
+                                                      precision=0, interactive=reason is None,
+                                                      elem_id="upload-heads", scale=1)
+                    c["upload_btn"] = gr.Button("Load my file", interactive=reason is None, elem_id="upload-btn")
             with gr.Column(scale=3):
                 c["card"] = gr.Markdown(self.card(Visitor(spec0)), elem_id="model-card")
         return c
@@ -133,4 +214,6 @@ class ModelView:
                             concurrency_id="load", concurrency_limit=1)
         c["build_btn"].click(self.build_custom, [*fields, c["dtype"]], switched, api_name="build_model",
                              concurrency_id="load", concurrency_limit=1)
+        c["upload_btn"].click(self.upload, [c["upload_file"], c["upload_heads"], c["dtype"]], switched,
+                              api_name="upload_model", concurrency_id="load", concurrency_limit=1)
         demo.load(self.model_card, None, c["card"], api_visibility="private")  # on each page load: loaded yet?

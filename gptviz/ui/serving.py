@@ -36,9 +36,9 @@ from ..generation import GenerationSession
 from ..inside import low_precision_copy
 from ..model import GPTModel
 from ..settings import DTYPES, RANDOM, SEED, Settings
-from ..weights import WeightsError, estimated_bytes, is_allowed_name, load_pretrained
+from ..weights import WeightsError, WeightsSource, estimated_bytes, is_allowed_name, load_pretrained
 
-__all__ = ["ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "AppContext", "build_model", "error"]
+__all__ = ["UPLOAD", "ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "AppContext", "build_model", "error"]
 
 
 def error(message: str) -> gr.Error:
@@ -53,9 +53,10 @@ def error(message: str) -> gr.Error:
 class ModelSpec:
     """What a shared model is made from; the key of the :class:`ModelStore`."""
 
-    source: str  # RANDOM, a released GPT-2 name, or an operator's checkpoint path / repo id
-    cfg: GPTConfig | None = None  # the configuration of random weights
+    source: str  # RANDOM, an allowed name, UPLOAD, or an operator's checkpoint path / repo id
+    cfg: GPTConfig | None = None  # the configuration of random weights (and of an upload)
     dtype: str = "float32"
+    name: str = ""  # an upload: its file name and sha256 prefix
 
     @property
     def preset(self) -> str | None:
@@ -68,11 +69,13 @@ class ModelSpec:
             return f"random weights (seed {SEED}), {self.preset or 'custom configuration'}, {self.dtype}"
         if is_allowed_name(self.source):
             return f"{self.source}, {self.dtype}"
+        if self.source == UPLOAD:
+            return f"your file {self.name}, {self.dtype}"
         return f"the operator's checkpoint, {self.dtype}"  # never show a server path to visitors
 
     def weight_bytes(self) -> int | None:
         """Estimated bytes of the loaded model; None for an operator's path (its size is unknown)."""
-        if self.source == RANDOM:
+        if self.source in (RANDOM, UPLOAD):
             return estimated_bytes(self.cfg, DTYPES[self.dtype])
         if is_allowed_name(self.source):
             return estimated_bytes(self.source, DTYPES[self.dtype])
@@ -86,6 +89,7 @@ class ModelSpec:
         return cls(settings.weights, None, settings.dtype)
 
 
+UPLOAD = "upload"  # a visitor's own checkpoint: held by that visitor, never in the shared store
 _SEED_LOCK = threading.Lock()  # seeding and initialising a random model is one atomic act
 
 
@@ -97,7 +101,9 @@ def build_model(spec: ModelSpec, device: torch.device) -> GPTModel:
     with _SEED_LOCK, torch.random.fork_rng(devices=[]):  # seeded init, without disturbing anyone's RNG
         torch.manual_seed(SEED)
         model = GPTModel(spec.cfg)
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    model.weights_source = WeightsSource.random(spec.cfg, SEED)
+    return model
 
 
 class ModelStore:
@@ -166,6 +172,7 @@ class Visitor:
 
     spec: ModelSpec
     session: GenerationSession | None = None  # holds a reference to the shared model, never a copy
+    own: GPTModel | None = None  # the visitor's uploaded model (spec.source == UPLOAD), theirs alone
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one event at a time
     last_used: float = field(default_factory=time.monotonic)  # of its last event
     released: bool = False  # its session was dropped to make room for others (said at its next Step)
@@ -225,7 +232,7 @@ class Visitors:
     @staticmethod
     def _free(v: Visitor) -> None:
         if v.lock.acquire(blocking=False):  # a busy one is freed when its running event ends
-            v.session = None
+            v.session = v.own = None
             v.lock.release()
 
     def admit(self, v: Visitor) -> None:
@@ -240,6 +247,21 @@ class Visitors:
                 break
             if u.lock.acquire(blocking=False):
                 u.session, u.released = None, True
+                u.lock.release()
+                excess -= 1
+
+    def admit_upload(self, v: Visitor, max_uploads: int) -> None:
+        """``v`` now holds its own uploaded model: beyond ``max_uploads``, the least recently used
+        others that are not busy release theirs (told at their next action)."""
+        with self._lock:
+            others = sorted((u for u in self._by_id.values() if u is not v and u.own is not None),
+                            key=lambda u: u.last_used)
+        excess = len(others) + 1 - max_uploads
+        for u in others:
+            if excess <= 0:
+                break
+            if u.lock.acquire(blocking=False):
+                u.own = u.session = None
                 u.lock.release()
                 excess -= 1
 
@@ -320,7 +342,13 @@ class AppContext:
         return self.visitors.get(session_id)
 
     def model(self, v: Visitor) -> GPTModel:
-        """The visitor's shared model (built or loaded on first use); a message if it cannot be had."""
+        """The visitor's model: its upload, or the shared model of its spec (built or loaded on first
+        use); a message if it cannot be had."""
+        if v.spec.source == UPLOAD:
+            if v.own is None:
+                raise error("Your uploaded model was released (the tab was idle too long): upload it again on the "
+                            "Model tab.")
+            return v.own
         try:
             return self.models.get(v.spec)
         except WeightsError as e:
