@@ -25,11 +25,19 @@ cache to the longest prefix that fits (whole chunks of 128 positions); the next 
 recomputes the positions past it, with the same tokens. For the 124M model in fp32 that
 happens beyond 768 tokens (896 positions of keys and values take 66 MB), so a lone step at
 1000 tokens recomputes ~232 positions; within one ``step(n)`` the cache is always kept.
+
+Sampling (:func:`sampling_distribution`): temperature 0 is the source's greedy argmax (the
+default); temperature > 0 draws from ``softmax(logits / temperature)`` restricted to the top-k
+logits, then to the top-p nucleus of what is left. The session draws from exactly the
+distribution that function returns, so a chart of it shows what is drawn. The settings can
+change between steps (:meth:`GenerationSession.set_sampling`) and every :class:`StepRecord`
+carries the settings it used, so a recorded session can be replayed token for token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -41,15 +49,17 @@ import torch.nn.functional as F
 
 from .kv_cache import KVCache
 from .model import GPTModel
-from .trace import Trace
+from .trace import VALUES, Trace
 from .tokenizer import ENDOFTEXT_ID, encode, token_piece
 
 __all__ = [
     "Candidate",
     "LensEntry",
     "StepRecord",
+    "NextDistribution",
     "GenerationSession",
     "generate_greedy",
+    "sampling_distribution",
     "DEFAULT_MAX_RETAINED_BYTES",
 ]
 
@@ -67,6 +77,8 @@ class Candidate:
     token_id: int
     piece: str  # display text of the token (gptviz.tokenizer.token_piece(...).text)
     prob: float  # softmax over the full vocabulary
+    sample_prob: float | None = None  # probability in the distribution drawn from (temperature, top-k, top-p)
+    kept: bool | None = None  # the sampler may draw it (inside the top-k / top-p cut-offs; greedy: the argmax only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +103,114 @@ class StepRecord:
     ms: float  # wall time of the step
     position: int = 0  # index of the new token in the session's ids
     sampled: bool = False  # chosen by sampling (temperature > 0), not argmax
+    # The sampling settings this step used (GenerationSession.set_sampling(**) replays them):
+    temperature: float = 0.0  # 0 = greedy
+    sample_top_k: int | None = None  # None: no top-k cut-off
+    top_p: float | None = None  # None: no nucleus cut-off
+    seed: int = 123  # the draw depends only on (seed, position)
+    sample_prob: float = 1.0  # probability of token_id in the distribution drawn from (greedy: 1)
+    n_kept: int = 1  # tokens the sampler could draw at this step (greedy: 1)
+
+
+@dataclass(frozen=True, slots=True)
+class NextDistribution:
+    """What the next step will draw from (:meth:`GenerationSession.next_distribution`)."""
+
+    position: int  # index the next token will get in the session's ids
+    candidates: list[Candidate]  # the k most probable tokens (plain softmax), highest first
+    n_kept: int  # tokens the sampler may draw (greedy: 1)
+    kept_mass: float  # plain softmax probability of those tokens together
+    greedy: bool  # temperature 0: the argmax is taken, nothing is drawn
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int | None = None) -> None:
+    """ValueError unless ``temperature`` is a finite number >= 0, ``top_k`` None or an int in
+    1 … vocab_size, ``top_p`` None or a number with 0 < top_p <= 1."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None:
+        upper = f" and vocab_size={vocab_size}" if vocab_size is not None else ""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1 or (vocab_size and top_k > vocab_size):
+            raise ValueError(f"sample_top_k must be None or an integer between 1{upper}, got {top_k!r}")
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be None or a number with 0 < top_p <= 1, got {top_p!r}")
+
+
+def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The top-p set of ``probs`` ``(..., vocab)``: the n most probable tokens, n the smallest with
+    mass >= top_p; among tokens tied at the boundary the lowest ids go first (the order of a
+    stable descending sort). Looks at the top 256, then 2048 values only, if they hold top_p:
+    a peaked distribution needs no sort of the whole vocabulary."""
+    vocab = probs.shape[-1]
+    for m in (256, 2048, vocab):  # a full sort of GPT-2's vocabulary costs ~20 ms, topk(2048) ~1 ms
+        m = min(m, vocab)
+        vals = (torch.topk(probs, m, dim=-1) if m < vocab else torch.sort(probs, dim=-1, descending=True)).values
+        cum = torch.cumsum(vals, dim=-1)  # (..., m) the mass of the top 1, 2, … tokens
+        if m == vocab or bool((cum[..., -1] >= top_p).all()):
+            break
+    n = ((cum - vals) < top_p).sum(dim=-1, keepdim=True)  # (..., 1): tokens whose predecessors hold < top_p
+    boundary = vals.gather(-1, n - 1)  # (..., 1) the probability of the n-th token
+    above = probs > boundary
+    tied = probs == boundary
+    room = n - above.sum(dim=-1, keepdim=True)  # boundary ties that still fit, taken in id order
+    return above | (tied & (torch.cumsum(tied, dim=-1) <= room))
+
+
+def sampling_distribution(
+    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution a sampler draws from, after temperature and the cut-offs.
+
+    ``logits``: ``(..., vocab)``. Returns ``(probs, kept)``, both ``(..., vocab)``: ``probs``
+    (float64; float32 on devices without float64) sums to 1 over the vocabulary and is exactly 0
+    outside ``kept`` (bool), the tokens that may be drawn. The order, per row:
+
+    * ``temperature == 0``: greedy, the source's ``argmax(softmax(logits))`` (the first of equal
+      maxima): ``kept`` is that one token, ``probs`` is 1 there. ``top_k``/``top_p`` are ignored.
+    * **top-k** (``top_k``): keep the logits ``>=`` the k-th largest (the source's chapter-5 rule:
+      ties with the k-th are kept, so more than k may survive ties).
+    * **temperature**: ``softmax(logits / temperature)`` over what is kept.
+    * **top-p** (``top_p``, on that renormalised distribution): keep the smallest set of the most
+      probable tokens whose probabilities sum to ``>= top_p``: a token is kept when the tokens
+      ranked above it hold less than ``top_p`` (so the top-1 always is); equal probabilities
+      rank by token id. ``top_p = 1`` or None keeps everything; the result is renormalised.
+
+    Temperature does not change which tokens top-k keeps, but it does change the nucleus.
+    Computed in float64, so the cumulative sums of 50,257 probabilities are exact to ~1e-13.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have at least one entry on the last dimension")
+    dtype = torch.float32 if logits.device.type == "mps" else torch.float64
+    x = logits.to(dtype)  # (..., vocab)
+    if temperature == 0:
+        greedy = torch.softmax(logits.float(), dim=-1).argmax(dim=-1, keepdim=True)  # (..., 1)
+        kept = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, greedy, True)
+        return kept.to(dtype), kept
+    kept = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    if top_k is not None and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]  # (..., 1)
+        kept = x >= kth
+    # Subtract the max before dividing, so a tiny temperature gives -inf (prob 0), never inf - inf.
+    scaled = ((x - x.max(dim=-1, keepdim=True).values) / temperature).masked_fill(~kept, -torch.inf)
+    probs = torch.softmax(scaled, dim=-1)  # (..., vocab)
+    if top_p is not None and top_p < 1:
+        kept = kept & _nucleus(probs, top_p)
+        probs = probs.masked_fill(~kept, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs, kept
+
+
+#: "Leave this setting as it is" in :meth:`GenerationSession.set_sampling` (None means "off").
+_KEEP = object()
+
+
+def _check_seed(seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
 
 
 def _require_eval(model: GPTModel) -> None:
@@ -139,9 +259,12 @@ class GenerationSession:
     :func:`gptviz.tokenizer.encode`) or a list of ids. The model is shared read-only and
     must be in eval mode. Options: ``top_k`` candidates per step; ``attn_window`` positions
     of attention kept for display; ``logit_lens`` on/off; ``max_retained_bytes`` (None: no
-    limit); sampling instead of argmax with ``temperature > 0`` (optionally restricted to
-    ``sample_top_k``; the draw for a position depends only on ``seed`` and the position,
-    so undo + step repeats it); ``stop_at_eos`` stops stepping after ``<|endoftext|>``.
+    limit); sampling instead of argmax with ``temperature > 0``, optionally restricted to
+    the ``sample_top_k`` most probable tokens and then to the ``top_p`` nucleus (see
+    :func:`sampling_distribution`; :meth:`set_sampling` changes them between steps). The
+    draw for a position depends only on ``seed``, the position and the distribution, so the
+    same prompt, settings and seed give the same tokens and undo + step repeats a draw.
+    ``stop_at_eos`` stops stepping after ``<|endoftext|>``.
     Not thread-safe: run one action at a time per session.
     """
 
@@ -157,6 +280,7 @@ class GenerationSession:
         max_retained_bytes: int | None = DEFAULT_MAX_RETAINED_BYTES,
         temperature: float = 0.0,
         sample_top_k: int | None = None,
+        top_p: float | None = None,
         seed: int = 123,
         stop_at_eos: bool = False,
     ) -> None:
@@ -172,21 +296,21 @@ class GenerationSession:
             raise ValueError(f"top_k must be between 1 and vocab_size={cfg.vocab_size}, got {top_k}")
         if attn_window < 1:
             raise ValueError(f"attn_window must be at least 1, got {attn_window}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if sample_top_k is not None and not 1 <= sample_top_k <= cfg.vocab_size:
-            raise ValueError(f"sample_top_k must be between 1 and vocab_size={cfg.vocab_size}, got {sample_top_k}")
+        _check_sampling(temperature, sample_top_k, top_p, cfg.vocab_size)
+        _check_seed(seed)
         self.model, self.enc = model, enc
         self.top_k, self.logit_lens = top_k, logit_lens
         self.attn_window = min(attn_window, cfg.context_length)
         self.max_retained_bytes = max_retained_bytes
-        self.temperature, self.sample_top_k, self.seed = temperature, sample_top_k, seed
+        self.temperature, self.sample_top_k, self.top_p, self.seed = temperature, sample_top_k, top_p, seed
         self.stop_at_eos = stop_at_eos
         self.prompt_ids: list[int] = ids
         self.steps: list[StepRecord] = []
         self._ids = list(ids)
         self._records_bytes = 0
-        self._generator = torch.Generator(device=model.device)
+        self._generator = torch.Generator()  # on the CPU, where the draw is made (same draws on every device)
+        # The next step's read, made early by next_distribution(): (len(ids) it read, logits, residuals, computed).
+        self._pending: tuple[int, torch.Tensor, torch.Tensor | None, int] | None = None
         self._cache: KVCache | None = None  # kept only while the context is uncropped
         # Attention rows, a ring over positions: (n_layers, n_heads, attn_window + UNDO_ROWS, attn_window),
         # valid for positions [_lo, _hi), computed in the context starting at _rows_c0.
@@ -245,11 +369,40 @@ class GenerationSession:
     def retained_bytes(self) -> int:
         """Bytes this session holds beyond the shared model: KV cache, attention rows, records, ids."""
         rows = self._rows.numel() * self._rows.element_size() if self._rows is not None else 0
-        return self.cache_bytes + rows + self._records_bytes + _deep_size(self._ids)
+        pending = 0
+        if self._pending is not None:  # the next step's logits (vocab,) and lens residuals, kept by next_distribution
+            pending = sum(t.numel() * t.element_size() for t in self._pending[1:3] if t is not None)
+        return self.cache_bytes + rows + pending + self._records_bytes + _deep_size(self._ids)
+
+    @property
+    def sampling(self) -> dict[str, object]:
+        """The current sampling settings, as keywords of :meth:`set_sampling`."""
+        return dict(temperature=self.temperature, sample_top_k=self.sample_top_k, top_p=self.top_p, seed=self.seed)
+
+    def set_sampling(
+        self,
+        *,
+        temperature: float | object = _KEEP,
+        sample_top_k: int | None | object = _KEEP,
+        top_p: float | None | object = _KEEP,
+        seed: int | object = _KEEP,
+    ) -> None:
+        """Change sampling settings for the next steps: ``temperature`` (0 = greedy),
+        ``sample_top_k`` (None: off), ``top_p`` (None: off), ``seed``; those not given stay.
+        All are checked before anything changes (ValueError, nothing changed). Past steps keep
+        theirs (each :class:`StepRecord` carries them), so ``set_sampling(temperature=r.temperature,
+        sample_top_k=r.sample_top_k, top_p=r.top_p, seed=r.seed)`` before a step replays record r.
+        Free: no model work (a kept next-step read stays valid)."""
+        given = dict(temperature=temperature, sample_top_k=sample_top_k, top_p=top_p, seed=seed)
+        new = {**self.sampling, **{k: v for k, v in given.items() if v is not _KEEP}}
+        _check_sampling(new["temperature"], new["sample_top_k"], new["top_p"], self.model.cfg.vocab_size)
+        _check_seed(new["seed"])
+        self.temperature, self.sample_top_k = new["temperature"], new["sample_top_k"]
+        self.top_p, self.seed = new["top_p"], new["seed"]
 
     # --- actions
     def step(self, n: int = 1) -> list[StepRecord]:
-        """Append n greedy tokens; returns their records."""
+        """Append n tokens (greedy, or drawn with the sampling settings); returns their records."""
         return list(self.iter_steps(n))
 
     def iter_steps(self, n: int) -> Iterator[StepRecord]:
@@ -336,6 +489,7 @@ class GenerationSession:
     def _truncate(self) -> None:
         """Forget cached keys/values and attention rows of positions no longer in the ids."""
         n = len(self._ids)
+        self._pending = None
         if self._cache is not None:
             self._cache.truncate(n)
         self._hi = min(self._hi, n)
@@ -409,13 +563,15 @@ class GenerationSession:
         t0 = time.perf_counter()
         end = len(self._ids)
         start = max(0, end - self.model.cfg.context_length)
-        logits, residuals, computed = self._read(end)
+        logits, residuals, computed = self._next_read()
+        self._pending = None
         probs = torch.softmax(logits.float(), dim=-1)  # (vocab,)
         greedy = int(torch.argmax(probs))  # the source: softmax, then argmax
         sampled = self.temperature > 0
-        token_id = self._sample(logits, end) if sampled else greedy
+        sample_probs, kept = self._distribution(logits, greedy)  # (vocab,) on the CPU
+        token_id = self._draw(sample_probs, end) if sampled else greedy
         top = torch.topk(probs, min(self.top_k, probs.numel()))
-        candidates = [Candidate(i, self._piece(i), p) for i, p in zip(top.indices.tolist(), top.values.tolist())]
+        candidates = self._candidates(top.indices.tolist(), top.values.tolist(), sample_probs, kept)
         lens: list[LensEntry] = []
         if residuals is not None:
             top1_ids, top1_probs = self._lens_top1(residuals)
@@ -436,10 +592,93 @@ class GenerationSession:
             ms=(time.perf_counter() - t0) * 1e3,
             position=end,
             sampled=sampled,
+            temperature=self.temperature,
+            sample_top_k=self.sample_top_k,
+            top_p=self.top_p,
+            seed=self.seed,
+            sample_prob=float(sample_probs[token_id]),
+            n_kept=int(kept.sum()),
         )
         self.steps.append(record)
         self._records_bytes += _deep_size(record)
         return record
+
+    def _next_read(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """The read of the next step: the one next_distribution() kept, else a fresh one."""
+        end = len(self._ids)
+        if self._pending is not None and self._pending[0] == end:
+            return self._pending[1:]
+        return self._read(end)
+
+    def _distribution(self, logits: torch.Tensor, greedy: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`sampling_distribution` of the current settings on the CPU ``(vocab,)``; greedy:
+        the argmax the step takes (``greedy``, computed on the model's device)."""
+        if self.temperature == 0:
+            kept = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            kept[greedy] = True
+            return kept.double(), kept
+        return sampling_distribution(logits.cpu(), self.temperature, self.sample_top_k, self.top_p)
+
+    def _candidates(self, ids: list[int], probs: list[float], sample_probs: torch.Tensor,
+                    kept: torch.Tensor) -> list[Candidate]:
+        sp, kp = sample_probs[ids].tolist(), kept[ids].tolist()
+        return [Candidate(i, self._piece(i), p, s, k) for i, p, s, k in zip(ids, probs, sp, kp)]
+
+    def next_distribution(self, k: int | None = None) -> NextDistribution:
+        """What the next step will draw from under the current settings, before it is taken:
+        the ``k`` (default ``top_k``) most probable next tokens with their plain probability,
+        their probability after temperature / top-k / top-p and whether each may be drawn.
+
+        Cost: the first call after an action runs the next step's read (one position with a warm
+        cache; the prompt on a fresh session) and keeps its result, the next step's logits
+        ``(vocab,)`` (201 kB in fp32 for GPT-2) plus the lens residuals, counted in
+        :attr:`retained_bytes`; the step then uses it instead of running the model again, so a
+        visitor who steps pays nothing extra. Later calls (e.g. after :meth:`set_sampling`)
+        reuse it: no model work, only the cut-offs (a sort of the vocabulary, ~2 ms).
+        """
+        k = self.top_k if k is None else k
+        vocab = self.model.cfg.vocab_size
+        if not 1 <= k <= vocab:
+            raise ValueError(f"k must be between 1 and vocab_size={vocab}, got {k}")
+        end = len(self._ids)
+        if self._pending is None or self._pending[0] != end:
+            self._pending = (end, *self._read(end))
+        logits = self._pending[1]
+        probs = torch.softmax(logits.float(), dim=-1)  # (vocab,)
+        greedy = int(torch.argmax(probs))
+        sample_probs, kept = self._distribution(logits, greedy)
+        top = torch.topk(probs, min(k, probs.numel()))
+        candidates = self._candidates(top.indices.tolist(), top.values.tolist(), sample_probs, kept)
+        mass = float(probs.cpu()[kept].double().sum())
+        self._enforce_budget()
+        return NextDistribution(end, candidates, int(kept.sum()), mass, self.temperature == 0)
+
+    def values(self, layer: int, window: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Value vectors of `layer` for the positions of :meth:`attention` (same ``window``):
+        ``(n_heads, W, head_dim)`` float32 on the CPU, and the W absolute positions.
+
+        Cost: read from the KV cache when it holds those positions (the usual case while the
+        context fits: free); otherwise one forward pass over :attr:`context_span` recording only
+        that layer's values (``Trace(VALUES)``), the cost of a prefill of the context.
+        """
+        n_layers = self.model.cfg.n_layers
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer must be between 0 and {n_layers - 1}, got {layer}")
+        window = self.attn_window if window is None else window
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        start, end = self.context_span
+        w = min(window, end - start)
+        cache = self._cache
+        if cache is not None and start == 0 and cache.length >= end:  # the cache is for the context from 0
+            v = cache.layers[layer].v[0, :, end - w : end]  # (n_heads, w, head_dim)
+        else:
+            _require_eval(self.model)
+            trace = Trace((VALUES,), layers=[layer], last_rows=w)
+            with torch.inference_mode():
+                self.model(self._tensor(start, end), trace=trace, last_only=True)
+            v = trace.get(VALUES)[0][0]  # (n_heads, w, head_dim)
+        return v.float().cpu().contiguous(), list(range(end - w, end))
 
     def _lens_top1(self, residuals: torch.Tensor) -> tuple[list[int], list[float]]:
         """Top-1 id and probability of the logit lens ``out_head(final_norm(x))`` for each row of
@@ -452,14 +691,8 @@ class GenerationSession:
             probs = torch.exp(top.values - torch.logsumexp(logits, dim=-1))  # softmax at the top-1
         return top.indices.tolist(), probs.tolist()
 
-    def _sample(self, logits: torch.Tensor, position: int) -> int:
-        """The source's sampling (chapter 5): keep the top-k logits, divide by the temperature,
-        softmax, draw; seeded by (seed, position)."""
-        logits = logits.float()
-        if self.sample_top_k is not None:
-            kth = torch.topk(logits, self.sample_top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, -torch.inf)
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+    def _draw(self, probs: torch.Tensor, position: int) -> int:
+        """One draw from ``probs`` (vocab,) on the CPU, seeded by (seed, position) only."""
         self._generator.manual_seed((self.seed * 1_000_003 + position) % 2**63)
         return int(torch.multinomial(probs, 1, generator=self._generator))
 

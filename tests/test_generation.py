@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gptviz import PRESETS, GPTConfig, GPTModel, Trace
@@ -378,3 +381,270 @@ def test_invalid_input(tiny_model, enc):
     with pytest.raises(ValueError, match="steps"):
         session.step(-1)
     assert session.step(0) == []
+
+
+# --------------------------------------------------------------------------- sampling controls
+
+from gptviz.generation import sampling_distribution  # noqa: E402
+
+
+def reference_distribution(logits: list[float], temperature: float, top_k, top_p):
+    """Written from the definitions with Python floats, independently of sampling_distribution:
+    top-k keeps logits >= the k-th largest; softmax(logit / temperature) over those; top-p keeps the
+    smallest number n of the most probable with mass >= top_p. Returns (probs after top-k and
+    temperature, top-k allowed mask, n, the prefix sums of the sorted probabilities)."""
+    v = len(logits)
+    allowed = [True] * v
+    if top_k is not None and top_k < v:
+        kth = sorted(logits, reverse=True)[top_k - 1]
+        allowed = [x >= kth for x in logits]
+    m = max(logits)
+    e = [math.exp((x - m) / temperature) if a else 0.0 for x, a in zip(logits, allowed)]
+    probs = [x / sum(e) for x in e]
+    ranked = sorted((p for p, a in zip(probs, allowed) if a), reverse=True)
+    prefix, total = [], 0.0
+    for p in ranked:
+        total += p
+        prefix.append(total)
+    if top_p is None or top_p >= 1:
+        n = sum(allowed)
+    else:
+        n = next((k + 1 for k, s in enumerate(prefix) if s >= top_p), len(ranked))
+    return probs, allowed, n, prefix
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    logits=st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=1, max_size=40),
+    temperature=st.floats(0.05, 5.0),
+    top_k=st.one_of(st.none(), st.integers(1, 45)),
+    top_p=st.one_of(st.none(), st.floats(1e-9, 1.0)),
+    data=st.data(),
+)
+def test_sampling_distribution_is_the_smallest_nucleus(logits, temperature, top_k, top_p, data):
+    v = len(logits)
+    top_k = None if top_k is None else min(top_k, v)
+    probs, kept = sampling_distribution(torch.tensor(logits), temperature, top_k, top_p)
+    ref_probs, allowed, n, prefix = reference_distribution(logits, temperature, top_k, top_p)
+    # A top_p within rounding of a prefix sum could fall either side: not a meaningful case.
+    assume(top_p is None or all(abs(s - top_p) > 1e-9 for s in prefix))
+    assert probs.shape == kept.shape == (v,) and kept.dtype == torch.bool
+    k = kept.tolist()
+    assert all(a for a, kk in zip(allowed, k) if kk)  # the nucleus is inside the top-k
+    assert sum(k) == n  # the smallest set with mass >= top_p ...
+    in_p = [p for p, kk in zip(ref_probs, k) if kk]
+    out_p = [p for p, kk, a in zip(ref_probs, k, allowed) if a and not kk]
+    assert not out_p or min(in_p) >= max(out_p)  # ... made of the most probable tokens
+    assert kept[int(torch.tensor(logits).argmax())]  # the top-1 is always kept
+    assert (probs[~kept] == 0).all() and (probs >= 0).all()
+    # float64 on both sides, only the summation order differs: 1e-12
+    assert float(probs[kept].sum()) == pytest.approx(1.0, abs=1e-12)
+    expected = torch.tensor([p if kk else 0.0 for p, kk in zip(ref_probs, k)], dtype=torch.float64)
+    torch.testing.assert_close(probs, expected / expected.sum(), atol=1e-12, rtol=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(logits=st.lists(st.floats(-20, 20, allow_nan=False, width=32), min_size=1, max_size=30),
+       top_k=st.one_of(st.none(), st.integers(1, 30)), top_p=st.one_of(st.none(), st.floats(1e-9, 1.0)))
+def test_sampling_distribution_temperature_zero_is_the_argmax(logits, top_k, top_p):
+    x = torch.tensor(logits)
+    top = sorted(logits, reverse=True)[:2]
+    # argmax(softmax(x)), the source's rule, can tie logits closer than float32 softmax resolves: exclude those
+    assume(len(top) == 1 or top[0] == top[1] or top[0] - top[1] > 1e-4)
+    probs, kept = sampling_distribution(x, 0.0, top_k, top_p)
+    first_max = logits.index(max(logits))  # argmax: the first of equal maxima
+    assert kept.tolist() == [i == first_max for i in range(len(logits))]
+    assert probs.tolist() == [float(i == first_max) for i in range(len(logits))]
+
+
+def test_sampling_distribution_batched_and_tie_order():
+    # equal probabilities at the boundary: the lower ids go first (a stable descending sort)
+    probs, kept = sampling_distribution(torch.zeros(6), 1.0, top_p=0.4)  # 1/6 each: 3 tokens hold 0.5 >= 0.4
+    assert kept.tolist() == [True, True, True, False, False, False]
+    torch.testing.assert_close(probs, torch.tensor([1 / 3] * 3 + [0.0] * 3, dtype=torch.float64), atol=1e-15, rtol=0)
+    rows = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)) * 3
+    batch = sampling_distribution(rows, 0.7, 300, 0.8)
+    for r in range(3):  # rows of a batch are independent
+        one = sampling_distribution(rows[r], 0.7, 300, 0.8)
+        assert torch.equal(batch[1][r], one[1])
+        torch.testing.assert_close(batch[0][r], one[0], atol=1e-15, rtol=0)
+    # a flat distribution whose nucleus is beyond the first 2048 tokens (the full-sort path)
+    probs, kept = sampling_distribution(torch.zeros(10_000), 1.0, top_p=0.50005)  # between 5000 and 5001 tokens
+    assert int(kept.sum()) == 5001 and kept[:5001].all()
+
+
+def test_sampling_distribution_validation():
+    x = torch.randn(10)
+    for kwargs, match in [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature=1.0, top_k=0), "top_k"),
+        (dict(temperature=1.0, top_k=2.5), "top_k"),
+        (dict(temperature=1.0, top_p=0.0), "top_p"),
+        (dict(temperature=1.0, top_p=1.5), "top_p"),
+        (dict(temperature=1.0, top_p=True), "top_p"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            sampling_distribution(x, **kwargs)
+
+
+def greedy_tokens(model, enc, prompt, n):
+    return [r.token_id for r in GenerationSession(model, enc, prompt).step(n)]
+
+
+def test_temperature_zero_tiny_top_p_and_top_k_1_are_greedy(tiny_model, enc):
+    greedy = greedy_tokens(tiny_model, enc, "Hello, I am", 8)
+    zero = GenerationSession(tiny_model, enc, "Hello, I am", temperature=0.0, sample_top_k=3, top_p=0.5).step(8)
+    assert [r.token_id for r in zero] == greedy and not any(r.sampled for r in zero)
+    assert all(r.n_kept == 1 and r.sample_prob == 1.0 for r in zero)
+    nucleus = GenerationSession(tiny_model, enc, "Hello, I am", temperature=1.0, top_p=1e-9, seed=4).step(8)
+    assert [r.token_id for r in nucleus] == greedy and all(r.sampled and r.n_kept == 1 for r in nucleus)
+    top1 = GenerationSession(tiny_model, enc, "Hello, I am", temperature=3.0, seed=4)
+    top1.set_sampling(sample_top_k=1)
+    assert [r.token_id for r in top1.step(8)] == greedy
+
+
+def test_sampling_is_reproducible_and_seed_dependent(tiny_model, enc):
+    settings_ = dict(temperature=1.0, sample_top_k=500, top_p=0.95)
+    a = [r.token_id for r in GenerationSession(tiny_model, enc, "Hello", seed=1, **settings_).step(20)]
+    b = [r.token_id for r in GenerationSession(tiny_model, enc, "Hello", seed=1, **settings_).step(20)]
+    c = [r.token_id for r in GenerationSession(tiny_model, enc, "Hello", seed=2, **settings_).step(20)]
+    assert a == b
+    assert a != c  # a random-weight model's flat distributions: 20 draws from ~470 tokens each
+    session = GenerationSession(tiny_model, enc, "Hello", seed=1, **settings_)
+    session.step(20)
+    for _ in range(5):
+        session.undo()
+    assert [r.token_id for r in session.step(5)] == a[-5:]  # undo + step repeats the draws
+
+
+def test_settings_change_mid_session_and_replay(tiny_model, enc):
+    session = GenerationSession(tiny_model, enc, "Every effort moves", temperature=1.5, seed=1)
+    plan = [
+        (dict(), 3),
+        (dict(top_p=0.8), 3),
+        (dict(temperature=0.0), 2),
+        (dict(temperature=0.7, sample_top_k=20, seed=9), 3),
+        (dict(top_p=None, sample_top_k=None), 2),
+    ]
+    expected_settings = []
+    current = dict(temperature=1.5, sample_top_k=None, top_p=None, seed=1)
+    for change, n in plan:
+        session.set_sampling(**change)
+        current = {**current, **change}
+        assert session.sampling == current
+        session.step(n)
+        expected_settings += [dict(current)] * n
+    records = session.steps
+    assert [dict(temperature=r.temperature, sample_top_k=r.sample_top_k, top_p=r.top_p, seed=r.seed)
+            for r in records] == expected_settings
+    assert [r.sampled for r in records] == [s["temperature"] > 0 for s in expected_settings]
+    replay = GenerationSession(tiny_model, enc, "Every effort moves")  # a lesson file replaying the records
+    for r in records:
+        replay.set_sampling(temperature=r.temperature, sample_top_k=r.sample_top_k, top_p=r.top_p, seed=r.seed)
+        assert replay.step()[0].token_id == r.token_id
+    for r in records:
+        chosen = [c for c in r.candidates if c.token_id == r.token_id]
+        if chosen:  # the chosen token's probabilities agree between the record and its candidate
+            assert chosen[0].sample_prob == r.sample_prob and chosen[0].kept
+        assert 0 < r.sample_prob <= 1 and r.n_kept >= 1
+
+
+def test_set_sampling_validation_changes_nothing(tiny_model, enc):
+    session = GenerationSession(tiny_model, enc, "Hello", temperature=0.5, top_p=0.9)
+    before = session.sampling
+    for kwargs, match in [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=2.0, top_p=0.0), "top_p"),  # a valid temperature does not get through either
+        (dict(sample_top_k=0), "sample_top_k"),
+        (dict(sample_top_k=60000), "sample_top_k"),
+        (dict(seed=1.5), "seed"),
+        (dict(seed=True), "seed"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            session.set_sampling(**kwargs)
+        assert session.sampling == before
+    with pytest.raises(TypeError):
+        session.set_sampling(top_q=0.3)
+    for kwargs, match in [(dict(top_p=0), "top_p"), (dict(top_p=2), "top_p"), (dict(temperature=float("nan")),
+                                                                                 "temperature"),
+                          (dict(sample_top_k=0), "sample_top_k"), (dict(seed="1"), "seed")]:
+        with pytest.raises(ValueError, match=match):
+            GenerationSession(tiny_model, enc, "Hello", **kwargs)
+
+
+def count_reads(monkeypatch, session):
+    calls = []
+    real = session._read
+    monkeypatch.setattr(session, "_read", lambda end: calls.append(end) or real(end))
+    return calls
+
+
+def test_next_distribution_is_what_the_step_draws_from(tiny_model, enc, monkeypatch):
+    session = GenerationSession(tiny_model, enc, "Hello, I am", temperature=1.0, sample_top_k=3, seed=3)
+    reads = count_reads(monkeypatch, session)
+    before = session.retained_bytes
+    nd = session.next_distribution(5)
+    assert reads == [4] and nd.position == 4 and not nd.greedy
+    assert session.retained_bytes >= before + 50257 * 4  # the kept next-step logits are accounted
+    plain = [c.prob for c in nd.candidates]
+    assert plain == sorted(plain, reverse=True) and len(plain) == 5
+    assert [c.kept for c in nd.candidates] == [True, True, True, False, False] and nd.n_kept == 3
+    # at temperature 1, top-3 sampling renormalises the plain probabilities of the top 3
+    torch.testing.assert_close(torch.tensor([c.sample_prob for c in nd.candidates]),
+                               torch.tensor([p / sum(plain[:3]) for p in plain[:3]] + [0.0, 0.0]),
+                               atol=1e-6, rtol=1e-5)  # float32 softmax vs float64: ~1e-7
+    assert nd.kept_mass == pytest.approx(sum(plain[:3]), abs=1e-6)
+    session.set_sampling(sample_top_k=None, top_p=1e-9)
+    nd2 = session.next_distribution(5)
+    assert reads == [4]  # settings changed: no model work
+    assert [c.token_id for c in nd2.candidates] == [c.token_id for c in nd.candidates]
+    assert [c.kept for c in nd2.candidates] == [True, False, False, False, False] and nd2.n_kept == 1
+    session.set_sampling(sample_top_k=3, top_p=None)
+    nd = session.next_distribution()
+    record = session.step()[0]
+    assert reads == [4]  # the step used the kept read
+    assert record.positions_computed == 4
+    assert [(c.token_id, c.prob, c.sample_prob, c.kept) for c in record.candidates] == [
+        (c.token_id, c.prob, c.sample_prob, c.kept) for c in nd.candidates]
+    assert record.token_id in [c.token_id for c in nd.candidates[:3]]
+    # the same tokens as a session that never looked ahead
+    plain_session = GenerationSession(tiny_model, enc, "Hello, I am", temperature=1.0, sample_top_k=3, seed=3)
+    assert plain_session.step()[0] == dataclasses.replace(record, ms=plain_session.steps[0].ms)
+    session.next_distribution()
+    assert reads == [4, 5]  # one position for the next step
+    assert session.step()[0].positions_computed == 1 and reads == [4, 5]
+
+
+def test_next_distribution_greedy_and_after_undo(tiny_model, enc):
+    reference = greedy_tokens(tiny_model, enc, "Hello, I am", 4)
+    session = GenerationSession(tiny_model, enc, "Hello, I am")
+    nd = session.next_distribution(3)
+    assert nd.greedy and nd.n_kept == 1 and nd.candidates[0].token_id == reference[0]
+    assert [(c.sample_prob, c.kept) for c in nd.candidates] == [(1.0, True), (0.0, False), (0.0, False)]
+    assert nd.kept_mass == pytest.approx(nd.candidates[0].prob, abs=1e-7)
+    session.step(3)
+    session.next_distribution()
+    session.undo()  # the kept read is for a position that no longer comes next
+    assert session.next_distribution().position == 6
+    assert [r.token_id for r in session.step(2)] == reference[2:4]
+    with pytest.raises(ValueError, match="k must"):
+        session.next_distribution(0)
+
+
+def test_values_equal_the_recomputed_values(ctx16_model, enc):
+    """From the KV cache (the context fits) and by a forward pass (cropped context)."""
+    for prompt, steps in ((list(range(300, 306)), 4), (list(range(300, 330)), 2)):
+        session = GenerationSession(ctx16_model, enc, prompt, attn_window=8)
+        session.step(steps)
+        start, end = session.context_span
+        trace = Trace(("values",), layers=[2])
+        with torch.no_grad():
+            ctx16_model(torch.tensor([session.ids[start:end]]), trace=trace)
+        expected = trace.get("values")[0][0]  # (n_heads, T, head_dim)
+        values, positions = session.values(2, window=5)
+        assert positions == list(range(end - 5, end)) and values.shape == (4, 5, 8)
+        # cached single-position kernels vs one full forward: ~1e-6 in float32
+        torch.testing.assert_close(values, expected[:, -5:], atol=1e-5, rtol=1e-5)
+        assert session.values(2)[1] == session.attention(2)[1]  # the same window as attention()
