@@ -345,3 +345,20 @@ def test_session_value_weighted_matches_a_recompute(tiny_model, enc, through_out
     # cached vs full-recompute kernels agree to ~1e-6 on these float32 weights; 1e-5 leaves room
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.sum(-1), torch.ones(4, 6), atol=1e-5, rtol=0)
+
+
+def test_a_sink_with_a_near_zero_value_fades():
+    """Half of every row's attention parks on key 0, whose value is 100x smaller than the others:
+    value-weighted, key 0 keeps only ~1% of a row (0.5·0.01 / (0.5·0.01 + 0.5·1))."""
+    t = 6
+    attn = torch.zeros(1, t, t)
+    attn[0, :, 0] = 0.5
+    for i in range(1, t):
+        attn[0, i, 1 : i + 1] = 0.5 / i
+    attn[0, 0, 0] = 1.0
+    v = torch.zeros(1, t, 2)
+    v[0, :, 0] = 1.0
+    v[0, 0, 0] = 0.01
+    out = value_weighted(attn, v)
+    torch.testing.assert_close(out[0, 1:, 0], torch.full((t - 1,), 0.005 / 0.505), atol=1e-6, rtol=1e-5)
+    assert out[0, 0, 0] == 1.0  # a row reading only the sink stays on it (renormalised)
