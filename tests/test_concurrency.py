@@ -22,21 +22,28 @@ import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from gptviz import PRESETS, GPTModel, encode, generate_greedy, ui
+from gptviz import PRESETS, GPTModel, encode, generate_greedy
 from gptviz.generation import GenerationSession
-from gptviz.screenshots import running_app
+from gptviz.settings import Settings
+from gptviz.ui import running_app
 
 N_CLIENTS, N_STEPS = 8, 20
-LONG_RUN = 32  # Step ×N in the turn-taking test (the limit is MAX_STEPS_PER_CLICK = 64)
+LONG_RUN = 32  # Step ×N in the turn-taking test (the limit is Settings.max_steps_per_click = 64)
 
 
 @pytest.fixture(scope="module")
-def url():
+def demo():
+    """The app, launched in this process (``demo.gptviz`` is its context)."""
     os.environ["GRADIO_HEARTBEAT_INTERVAL"] = "1"  # a closed client is noticed within a second (default 15 s)
-    with running_app() as address:
-        ui.MODELS.get(ui.default_spec())  # wait for the start-up model
-        yield address
+    with running_app(Settings(device="cpu")) as app:
+        app.gptviz.models.get(app.gptviz.default_spec)  # wait for the start-up model
+        yield app
     os.environ.pop("GRADIO_HEARTBEAT_INTERVAL")
+
+
+@pytest.fixture(scope="module")
+def url(demo) -> str:
+    return demo.local_url
 
 
 def client(url: str) -> Client:
@@ -161,7 +168,7 @@ def test_odd_unicode_round_trips_through_the_api(url):
     chips, summary, ids, table = call(url, "tokenize", text)
     decoded, _ = call(url, "detokenize", ids)
     assert decoded == text.replace("\ud800", "\ufffd").replace("\udfff", "\ufffd") and "<b>" not in chips
-    data = call(url, "step", text, 0, 0)[4]  # the step data (the REST API also lists the state, as null)
+    data = call(url, "step", text, 0, 0)[4]  # the step data: gen_text, topk, heatmap, kv, step_json
     assert data["ids"][:-1] == [int(i) for i in ids.split(", ")] and data["steps"] == 1
 
 
@@ -171,7 +178,7 @@ def sessions(prefix: str) -> list[GenerationSession]:
     return [o for o in gc.get_objects() if type(o) is GenerationSession and o.prompt_text.startswith(prefix)]
 
 
-def test_closed_sessions_release_their_memory(url):
+def test_closed_sessions_release_their_memory(url, demo):
     """30 visitors step and leave: their sessions are dropped when their tabs close (unload),
     not an hour later. RSS is printed, not asserted: clients share this process, and the
     allocator decides what it returns to the system."""
@@ -186,17 +193,55 @@ def test_closed_sessions_release_their_memory(url):
         for _ in range(2):
             clients[-1].predict(f"{prefix} {k} says", 0, 0, api_name="/step")
 
+    visitors = demo.gptviz.visitors
+    before = len(visitors)
     assert in_threads(8, lambda t: [visitor(k) for k in range(t, n, 8)]) == []
     held = sessions(prefix)
     retained, rss1 = sum(s.retained_bytes for s in held), process.memory_info().rss
-    assert len(held) == n
+    assert len(held) == n and len(visitors) == before + n  # one visitor per client
     del held
     for c in clients:
         c.close()
     deadline = time.monotonic() + 60
-    while sessions(prefix) and time.monotonic() < deadline:
+    while (sessions(prefix) or len(visitors) > before) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert sessions(prefix) == []
+    assert sessions(prefix) == [] and len(visitors) <= before  # their visitors forgotten too
     rss2 = process.memory_info().rss
     print(f"\n{n} sessions: {retained / n / 1e6:.1f} MB retained each by the engine's count; RSS {rss0 / 1e6:.0f} MB "
           f"before, {rss1 / 1e6:.0f} MB with them, {rss2 / 1e6:.0f} MB after they closed")
+
+
+def test_step_n_streams_each_step(url):
+    c = client(url)
+    job = c.submit("Streamed run", 3, 0, 0, api_name="/step_n")
+    job.result(timeout=120)
+    assert [out[4]["steps"] for out in job.outputs()] == [1, 2, 3]  # one update per step, as it is made
+    c.close()
+
+
+#: Every endpoint that runs the model, with arguments; each must wait for its turn on the model.
+MODEL_CALLS = [("/step", ("Turn test", 0, 0)), ("/step_n", ("Turn test", 2, 0, 0)), ("/undo", (0, 0)),
+               ("/reset", ("Turn test", 0, 0)), ("/attention", (0, 0)), ("/shapes", ("Turn test", False)),
+               ("/kv_cache", ()), ("/ablate", ("Turn test", "0.1")), ("/precision", ("Turn test",))]
+
+
+def test_model_work_waits_for_its_turn_and_other_work_does_not(url, demo):
+    """While the model's turn is held, every model endpoint waits; the tokenizer and the parameter
+    count (no model) answer meanwhile; once the turn is given back, every waiting call completes."""
+    clients = [client(url) for _ in MODEL_CALLS]
+    other = client(url)
+    turn = demo.gptviz.turn
+    turn.acquire()
+    try:
+        jobs = [c.submit(*args, api_name=endpoint) for c, (endpoint, args) in zip(clients, MODEL_CALLS)]
+        time.sleep(3)
+        assert other.predict("Hello, I am", api_name="/tokenize")[2] == "15496, 11, 314, 716"
+        assert "163,009,536" in other.predict(50257, 1024, 768, 12, 12, 0.1, False, False, api_name="/params")[0]
+        waiting = [endpoint for job, (endpoint, _) in zip(jobs, MODEL_CALLS) if not job.done()]
+        assert waiting == [endpoint for endpoint, _ in MODEL_CALLS]
+    finally:
+        turn.release()
+    for job, (endpoint, _) in zip(jobs, MODEL_CALLS):
+        job.result(timeout=300)  # raises if the call failed
+    for c in [*clients, other]:
+        c.close()
