@@ -6,12 +6,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import gradio as gr
 import pytest
 from PIL import Image
 
 from gptviz import screenshots
 from gptviz.screenshots import SHOTS, Shot, make_screenshots, parse_args
+from gptviz.settings import Settings
 from gptviz.ui import build_demo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,11 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def page_parts() -> tuple[set[str], set[str]]:
-    """(every elem_id, every tab label) of the app's page."""
-    demo = build_demo(preload=False)
-    blocks = demo.blocks.values()
-    return ({b.elem_id for b in blocks if getattr(b, "elem_id", None)},
-            {b.label for b in blocks if isinstance(b, gr.Tab)})
+    """(every elem_id, every tab label) of the app's page, from the config the browser receives."""
+    components = build_demo(Settings(device="cpu"), preload=False).get_config_file()["components"]
+    return ({c["props"]["elem_id"] for c in components if c["props"].get("elem_id")},
+            {c["props"]["label"] for c in components if c["type"] == "tabitem"})
 
 
 def test_command_line():
