@@ -101,7 +101,7 @@ class GenerateView:
             self.ctx.visitors.admit(v)
         return v.session
 
-    def _step_once(self, v: Visitor, prompt: str | None) -> None:
+    def step_once(self, v: Visitor, prompt: str | None) -> None:
         """One greedy token for the visitor (``v.lock`` held); warns once when cropping starts."""
         s = self.session(v, prompt)
         limit = self.ctx.settings.max_session_tokens
@@ -240,7 +240,7 @@ class GenerateView:
             )
         return data
 
-    def _main(self, v: Visitor, layer: Any, head: Any) -> Main:
+    def main_view(self, v: Visitor, layer: Any, head: Any) -> Main:
         s = v.session
         cfg = s.model.cfg
         layer, head = index(layer, cfg.n_layers), index(head, cfg.n_heads)
@@ -252,8 +252,8 @@ class GenerateView:
         """One greedy token."""
         v = self.ctx.visitor(request)
         with v.lock:
-            self._step_once(v, prompt)
-            return self._main(v, layer, head)
+            self.step_once(v, prompt)
+            return self.main_view(v, layer, head)
 
     def step_n(self, prompt: str, n: Any, layer: Any, head: Any, request: gr.Request) -> Iterator[Main]:
         """N greedy tokens, yielding the view after each (streamed to the browser)."""
@@ -267,8 +267,8 @@ class GenerateView:
         v = self.ctx.visitor(request)
         for _ in range(count):
             with v.lock:
-                self._step_once(v, prompt)
-                view = self._main(v, layer, head)
+                self.step_once(v, prompt)
+                view = self.main_view(v, layer, head)
             yield view
 
     def undo(self, layer: Any, head: Any, request: gr.Request) -> Main:
@@ -279,24 +279,26 @@ class GenerateView:
                 gr.Warning("Nothing to undo: only the prompt is left.")
                 return skip(Main)
             v.session.undo()
-            return self._main(v, layer, head)
+            return self.main_view(v, layer, head)
 
     def reset(self, prompt: str, layer: Any, head: Any, request: gr.Request) -> Main:
         """Back to the prompt (the prompt box's current text)."""
         v = self.ctx.visitor(request)
         with v.lock:
             self.session(v, prompt).reset()
-            return self._main(v, layer, head)
+            return self.main_view(v, layer, head)
+
+    def details_view(self, v: Visitor, layer: Any) -> Details:
+        """(head average, all-heads grid, logit lens) of the visitor's session (``v.lock`` held)."""
+        s = v.session
+        return Details(*self._layer_figures(self._attention(s, index(layer, s.model.cfg.n_layers))),
+                       self._lens_figure(s))
 
     def details(self, layer: Any, request: gr.Request) -> Details:
         """(head average, all-heads grid, logit lens): drawn after the main view of each action."""
         v = self.ctx.visitor(request)
         with v.lock:
-            s = v.session
-            if s is None:
-                return skip(Details)
-            return Details(*self._layer_figures(self._attention(s, index(layer, s.model.cfg.n_layers))),
-                           self._lens_figure(s))
+            return skip(Details) if v.session is None else self.details_view(v, layer)
 
     def attention(self, layer: Any, head: Any, request: gr.Request) -> Heads:
         """The chosen layer and head changed: (heatmap, head average, all-heads grid)."""
@@ -352,13 +354,16 @@ class GenerateView:
         main, event = components(Main, c), ctx.model_event
         after = dict(fn=ctx.turns(self.details), inputs=[c["layer"]], outputs=components(Details, c),
                      api_visibility="private", **event)
-        c["step_btn"].click(ctx.turns(self.step), [c["prompt"], c["layer"], c["head"]], main, api_name="step",
-                            **event).success(**after)
-        c["stepn_btn"].click(ctx.turns(self.step_n), [c["prompt"], c["n_steps"], c["layer"], c["head"]], main,
-                             api_name="step_n", **event).success(**after)
-        c["undo_btn"].click(ctx.turns(self.undo), [c["layer"], c["head"]], main, api_name="undo",
-                            **event).success(**after)
-        c["reset_btn"].click(ctx.turns(self.reset), [c["prompt"], c["layer"], c["head"]], main, api_name="reset",
-                             **event).success(**after)
+        #: The actions' follow-up events (for the page: remember the session after each).
+        self.actions = [
+            c["step_btn"].click(ctx.turns(self.step), [c["prompt"], c["layer"], c["head"]], main, api_name="step",
+                                **event).success(**after),
+            c["stepn_btn"].click(ctx.turns(self.step_n), [c["prompt"], c["n_steps"], c["layer"], c["head"]], main,
+                                 api_name="step_n", **event).success(**after),
+            c["undo_btn"].click(ctx.turns(self.undo), [c["layer"], c["head"]], main, api_name="undo",
+                                **event).success(**after),
+            c["reset_btn"].click(ctx.turns(self.reset), [c["prompt"], c["layer"], c["head"]], main, api_name="reset",
+                                 **event).success(**after),
+        ]
         gr.on([c["layer"].input, c["head"].input], ctx.turns(self.attention), [c["layer"], c["head"]],
               components(Heads, c), api_name="attention", trigger_mode="always_last", **event)

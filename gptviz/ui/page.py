@@ -12,6 +12,7 @@ from .inside import InsideView
 from .model import ModelView
 from .parameters import ParametersView
 from .serving import AppContext
+from .share import ShareView
 from .tokenizer import TokenizerView
 
 STYLE = Path(__file__).with_name("style.css")
@@ -37,26 +38,37 @@ def build_page(ctx: AppContext) -> gr.Blocks:
     """Lay out every view in its tab, wire each view's own events, then the cross-view ones."""
     tokenizer, generate, inside = TokenizerView(ctx), GenerateView(ctx), InsideView(ctx)
     parameters, model = ParametersView(ctx), ModelView(ctx)
-    with gr.Blocks(title="gptviz: GPT-2 from the inside") as demo:
+    share = ShareView(ctx, tokenizer, generate, model)
+    with gr.Blocks(title="gptviz: GPT-2 from the inside", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(HEADER, elem_id="header")
-        with gr.Tabs(elem_id="tabs"):
+        share.build_state()
+        with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Tokenizer", id="tokenizer", elem_id="tab-tokenizer"):
+                share.link_row("tokenizer")
                 tokenizer.build()
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 generate.build()
+                share.files_row()
+                share.link_row("generate")
             with gr.Tab("Inside", id="inside", elem_id="tab-inside") as inside_tab:
+                share.link_row("inside")
                 inside.build()
             with gr.Tab("Parameters", id="parameters", elem_id="tab-parameters"):
+                share.link_row("parameters")
                 parameters.build()
             with gr.Tab("Model", id="model", elem_id="tab-model"):
+                share.link_row("model")
                 model.build()
         tokenizer.wire()
         generate.wire()
         parameters.wire()
         # Between views: the Inside view traces the Generate view's text when its tab opens; a
-        # model switch resets the Generate view; "Build random weights" reads the Parameters form.
+        # model switch resets the Generate view; "Build random weights" reads the Parameters form;
+        # links and lessons fill every view; each Generate action is remembered in the browser.
         inside.wire(inside_tab, generate.c["prompt"])
         model.wire(demo, generate.c, parameters.fields)
+        share.wire(demo, tabs, dict(tokenizer=tokenizer.c, generate=generate.c, inside=inside.c,
+                                    parameters=parameters.c, model=model.c), generate.actions)
 
         def release(request: gr.Request) -> None:
             """A tab closed: free its visitor's generation session now (not an hour later)."""
