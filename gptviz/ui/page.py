@@ -47,9 +47,9 @@ def build_page(ctx: AppContext) -> gr.Blocks:
                 share.link_row("tokenizer")
                 tokenizer.build()
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                share.link_row("generate")
                 generate.build()
                 share.files_row()
-                share.link_row("generate")
             with gr.Tab("Inside", id="inside", elem_id="tab-inside") as inside_tab:
                 share.link_row("inside")
                 inside.build()
