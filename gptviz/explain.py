@@ -154,7 +154,7 @@ def logit_attribution(
         H, hd = cfg.n_heads, cfg.head_dim
         for i, (block, ctx, ff) in enumerate(zip(model.trf_blocks, trace.get(CONTEXT), trace.get(FF_OUT))):
             proj = block.att.out_proj
-            W_O = proj.weight.to(f32).view(cfg.emb_dim, H, hd)  # (emb, d_out) -> (emb, n_heads, head_dim)
+            W_O = proj.weight.to(f32).reshape(cfg.emb_dim, H, hd)  # (emb, d_out) -> (emb, n_heads, head_dim)
             heads = torch.einsum("hk,ehk->he", ctx[0, -1].to(f32), W_O)  # (n_heads, head_dim) -> (n_heads, emb)
             pieces += [heads, proj.bias.to(f32)[None], ff[0, -1].to(f32)[None]]
             rows += [(f"block {i} · head {h}", i, h, "head") for h in range(H)]
