@@ -93,9 +93,8 @@ def test_shapes_trace_the_tokens_the_next_step_reads(view, gen, a, tiny_cfg):
     assert "trf_blocks.1" in " ".join(table["module"])  # the later block, collapsed into one row
     for line, module in zip(table["line"], table["module"]):  # each row's line is real source
         assert 1 <= line <= len(MODEL_LINES), module
-    number, text = highlighted(code)  # the attention-scores row's line, in the real source
+    number, text = highlighted(code)  # an attention-scores line of the real source (which one: the next test)
     assert MODEL_LINES[number - 1].strip() == text.strip() and "attn_scores" in text
-    assert number == table.loc[table["module"].str.strip() == "attn_scores (tensor)", "line"].iloc[0]
     assert "MultiHeadAttention.forward" in code
     full = view.shapes(PROMPT, True, a).shape_table
     assert len(full) > len(table) and (full["module"].str.strip() == "trf_blocks.1").sum() == 1
