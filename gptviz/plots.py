@@ -130,6 +130,40 @@ def topk_figure(pieces: Sequence[str], probs: Sequence[float], ids: Sequence[int
     return fig
 
 
+def sampling_figure(pieces: Sequence[str], probs: Sequence[float], sample_probs: Sequence[float],
+                    kept: Sequence[bool], ids: Sequence[int], *, chosen: int | None = None, n_kept: int | None = None,
+                    title: str = "Next-token candidates", height: int = 360) -> go.Figure:
+    """The top-k candidates before and after temperature / top-k / top-p: the model's own softmax
+    as light bars, the distribution actually drawn from as solid bars, excluded tokens greyed, the
+    cut-off drawn under the last candidate that may be drawn; bar ``chosen`` (if any) highlighted."""
+    labels = [f"{p}  ({i})" for p, i in zip(pieces, ids)]
+    solid = ["#E45756" if k == chosen else ("#4C78A8" if ok else "#C7CCD6") for k, ok in enumerate(kept)]
+    fig = go.Figure([
+        go.Bar(x=list(probs), y=labels, orientation="h", name="model's softmax", marker_color="#D5DEEA",
+               hovertemplate="%{y}<br>softmax %{x:.4f}<extra></extra>"),
+        go.Bar(x=[q if ok else 0 for q, ok in zip(sample_probs, kept)], y=labels, orientation="h",
+               name="after temperature and cut-offs", marker_color=solid, width=0.45,
+               text=[percent(q) if ok else "cut off" for q, ok in zip(sample_probs, kept)], textposition="outside",
+               cliponaxis=False, hovertemplate="%{y}<br>drawn with %{x:.4f}<extra></extra>"),
+    ])
+    last_kept = max((k for k, ok in enumerate(kept) if ok), default=None)
+    if last_kept is not None and last_kept < len(labels) - 1:
+        fig.add_shape(type="line", xref="paper", x0=0, x1=1, yref="y", y0=last_kept + 0.5, y1=last_kept + 0.5,
+                      line=dict(color="#B34", width=2, dash="dash"))
+        note = f"cut-off: {n_kept:,} token{'s' if n_kept != 1 else ''} may be drawn" if n_kept else "cut-off"
+        fig.add_annotation(xref="paper", x=1, yref="y", y=last_kept + 0.5, text=note, showarrow=False,
+                           xanchor="right", yanchor="bottom", font=dict(size=11, color="#B34"))
+    fig.update_layout(
+        title=dict(text=title, x=0.01), height=height, barmode="overlay", **_PLAIN,
+        legend=dict(orientation="h", x=0, y=-0.22, font=dict(size=11)),
+        margin=dict(l=16 + _text_px(labels, 13), r=70, t=50, b=80),
+        xaxis=dict(_FIXED, title="probability", tickformat=".3~%", rangemode="tozero", gridcolor=_GRID,
+                   zerolinecolor=_GRID),
+        yaxis=dict(_FIXED, autorange="reversed", type="category"),
+    )
+    return fig
+
+
 def _thin_ticks(ticks: Sequence[str], labels: Sequence[str], max_ticks: int) -> tuple[list[str], list[str]]:
     """At most ``max_ticks`` evenly spread tick labels (the rest stay readable on hover)."""
     stride = max(1, -(-len(ticks) // max_ticks))

@@ -18,6 +18,7 @@ from ..tokenizer import encode, get_encoding, label
 from .html import chips_html, esc, md_code, note
 from .inputs import index, prompt_ids
 from .outputs import components, skip
+from . import sampling
 from .serving import AppContext, Visitor, error
 
 DEFAULT_PROMPT = "Hello, I am"
@@ -101,9 +102,12 @@ class GenerateView:
             self.ctx.visitors.admit(v)
         return v.session
 
-    def step_once(self, v: Visitor, prompt: str | None) -> None:
-        """One greedy token for the visitor (``v.lock`` held); warns once when cropping starts."""
+    def step_once(self, v: Visitor, prompt: str | None, settings: dict[str, Any] | None = None) -> None:
+        """One token for the visitor (``v.lock`` held), greedy unless ``settings`` sample; warns once
+        when cropping starts."""
         s = self.session(v, prompt)
+        if settings is not None:
+            sampling.apply(s, settings)
         limit = self.ctx.settings.max_session_tokens
         if len(s.ids) >= limit:
             raise error(f"This session has {len(s.ids):,} tokens; the limit is {limit:,}. "
@@ -122,8 +126,11 @@ class GenerateView:
                   f"&nbsp;{n_prompt} prompt + {len(s.steps)} generated tokens")
         if len(ids) > ctx:
             legend += f" · dimmed tokens lie outside the model's context of {ctx}"
+        sampled = {r.position for r in s.steps if r.sampled}
+        if sampled:
+            legend += f" · {len(sampled)} sampled (dashed)"
         chips = chips_html(ids, limit=self.ctx.settings.max_chips, generated_from=n_prompt,
-                           unseen_before=max(0, len(ids) - ctx))
+                           unseen_before=max(0, len(ids) - ctx), sampled=sampled)
         return chips + legend + "</div>"
 
     @staticmethod
@@ -178,16 +185,41 @@ class GenerateView:
                 f"{work} Step time {r.ms:.0f} ms. The Inside tab shows the cache layer by layer.")
 
     @staticmethod
-    def _topk_figure(s: GenerationSession) -> go.Figure:
+    def _candidates_figure(candidates: list, title: str, chosen: int | None, n_kept: int, greedy: bool) -> go.Figure:
+        enc = get_encoding()
+        pieces, ids = [label(c.token_id, enc, 20) for c in candidates], [c.token_id for c in candidates]
+        probs = [c.prob for c in candidates]
+        if greedy:
+            return plots.topk_figure(pieces, probs, ids, chosen=0 if chosen is None else chosen, height=TOPK_HEIGHT,
+                                     title=title)
+        return plots.sampling_figure(pieces, probs, [c.sample_prob or 0.0 for c in candidates],
+                                     [bool(c.kept) for c in candidates], ids, chosen=chosen, n_kept=n_kept,
+                                     height=TOPK_HEIGHT, title=title)
+
+    def _topk_figure(self, s: GenerationSession) -> go.Figure:
         if not s.steps:
             return plots.empty_figure("Press Step to see the next-token candidates", height=TOPK_HEIGHT)
         r, enc = s.steps[-1], get_encoding()
         read = label(s.ids[r.position - 1], enc, 20)
-        return plots.topk_figure(
-            [label(c.token_id, enc, 20) for c in r.candidates], [c.prob for c in r.candidates],
-            [c.token_id for c in r.candidates], chosen=0, height=TOPK_HEIGHT,
-            title=f"Step {len(s.steps)}: after “{read}” the model picks “{label(r.token_id, enc, 20)}”",
-        )
+        how = f"draws “{label(r.token_id, enc, 20)}” (sampled, T={r.temperature:g})" if r.sampled else \
+            f"picks “{label(r.token_id, enc, 20)}”"
+        chosen = next((k for k, c in enumerate(r.candidates) if c.token_id == r.token_id), None)
+        return self._candidates_figure(r.candidates, f"Step {len(s.steps)}: after “{read}” the model {how}", chosen,
+                                       r.n_kept, not r.sampled)
+
+    def candidates(self, prompt: str, temperature: Any, top_k: Any, top_p: Any, seed: Any,
+                   request: gr.Request) -> go.Figure:
+        """A sampling control moved: what the next step will draw from, before it is taken."""
+        settings = sampling.settings_of(temperature, top_k, top_p, seed)
+        v = self.ctx.visitor(request)
+        with v.lock:
+            s = self.session(v, prompt)
+            sampling.apply(s, settings)
+            d = s.next_distribution()
+        what = "takes the most probable" if d.greedy else f"draws from {d.n_kept:,} tokens ({percent(d.kept_mass)} " \
+            "of the model's probability)"
+        return self._candidates_figure(d.candidates, f"Next step (not taken yet): the model {what}", None, d.n_kept,
+                                       d.greedy)
 
     def _attention(self, s: GenerationSession, layer: int) -> _Attention:
         weights, positions = s.attention(layer, self.ctx.settings.attn_window)
@@ -236,6 +268,7 @@ class GenerateView:
                 token_id=r.token_id, piece=r.piece, cropped=r.cropped, context_len=r.context_len,
                 positions_computed=r.positions_computed, cache_tokens=r.cache_tokens, cache_bytes=r.cache_bytes,
                 ms=round(r.ms, 2), candidates=[[c.token_id, c.piece, round(c.prob, 6)] for c in r.candidates],
+                sampled=r.sampled, temperature=r.temperature, top_k=r.sample_top_k, top_p=r.top_p, seed=r.seed,
                 lens=[[e.layer, e.token_id, e.piece, round(e.prob, 6)] for e in r.lens],
             )
         return data
@@ -248,15 +281,19 @@ class GenerateView:
                     self._kv_readout(s), self.step_data(v))
 
     # --------------------------------------------------------------- handlers (events)
-    def step(self, prompt: str, layer: Any, head: Any, request: gr.Request) -> Main:
-        """One greedy token."""
+    def step(self, prompt: str, layer: Any, head: Any, temperature: Any = 0, top_k: Any = 0, top_p: Any = 1,
+             seed: Any = sampling.DEFAULT_SEED, request: gr.Request = None) -> Main:
+        """One token: greedy (the source's argmax) unless the sampling settings say otherwise."""
+        settings = sampling.settings_of(temperature, top_k, top_p, seed)
         v = self.ctx.visitor(request)
         with v.lock:
-            self.step_once(v, prompt)
+            self.step_once(v, prompt, settings)
             return self.main_view(v, layer, head)
 
-    def step_n(self, prompt: str, n: Any, layer: Any, head: Any, request: gr.Request) -> Iterator[Main]:
-        """N greedy tokens, yielding the view after each (streamed to the browser)."""
+    def step_n(self, prompt: str, n: Any, layer: Any, head: Any, temperature: Any = 0, top_k: Any = 0,
+               top_p: Any = 1, seed: Any = sampling.DEFAULT_SEED, request: gr.Request = None) -> Iterator[Main]:
+        """N tokens, yielding the view after each (streamed to the browser)."""
+        settings = sampling.settings_of(temperature, top_k, top_p, seed)
         try:
             count = int(n)
         except (TypeError, ValueError, OverflowError):
@@ -267,7 +304,7 @@ class GenerateView:
         v = self.ctx.visitor(request)
         for _ in range(count):
             with v.lock:
-                self.step_once(v, prompt)
+                self.step_once(v, prompt, settings)
                 view = self.main_view(v, layer, head)
             yield view
 
@@ -327,6 +364,7 @@ class GenerateView:
             c["stepn_btn"] = gr.Button("Step ×N", elem_id="stepn-btn")
             c["undo_btn"] = gr.Button("Undo", elem_id="undo-btn")
             c["reset_btn"] = gr.Button("Reset", elem_id="reset-btn")
+        self.sampling_inputs = sampling.build(c)
         with gr.Row():
             with gr.Column(scale=3):
                 preview = chips_html(encode(DEFAULT_PROMPT), limit=s.max_chips) + \
@@ -351,19 +389,21 @@ class GenerateView:
 
     def wire(self) -> None:
         c, ctx = self.c, self.ctx
-        main, event = components(Main, c), ctx.model_event
+        main, event, knobs = components(Main, c), ctx.model_event, self.sampling_inputs
         after = dict(fn=ctx.turns(self.details), inputs=[c["layer"]], outputs=components(Details, c),
                      api_visibility="private", **event)
         #: The actions' follow-up events (for the page: remember the session after each).
         self.actions = [
-            c["step_btn"].click(ctx.turns(self.step), [c["prompt"], c["layer"], c["head"]], main, api_name="step",
-                                **event).success(**after),
-            c["stepn_btn"].click(ctx.turns(self.step_n), [c["prompt"], c["n_steps"], c["layer"], c["head"]], main,
-                                 api_name="step_n", **event).success(**after),
+            c["step_btn"].click(ctx.turns(self.step), [c["prompt"], c["layer"], c["head"], *knobs], main,
+                                api_name="step", **event).success(**after),
+            c["stepn_btn"].click(ctx.turns(self.step_n), [c["prompt"], c["n_steps"], c["layer"], c["head"], *knobs],
+                                 main, api_name="step_n", **event).success(**after),
             c["undo_btn"].click(ctx.turns(self.undo), [c["layer"], c["head"]], main, api_name="undo",
                                 **event).success(**after),
             c["reset_btn"].click(ctx.turns(self.reset), [c["prompt"], c["layer"], c["head"]], main, api_name="reset",
                                  **event).success(**after),
         ]
+        gr.on([k.input for k in knobs], ctx.turns(self.candidates), [c["prompt"], *knobs], c["topk"],
+              api_name="candidates", trigger_mode="always_last", **event)
         gr.on([c["layer"].input, c["head"].input], ctx.turns(self.attention), [c["layer"], c["head"]],
               components(Heads, c), api_name="attention", trigger_mode="always_last", **event)
