@@ -469,6 +469,31 @@ class GenerationSession:
             self._enforce_budget()
         return square.float().cpu().contiguous(), list(range(end - w, end))
 
+    def read_by(self, k: int) -> tuple[int, int]:
+        """Positions ``[start, end)`` of the tokens step ``k`` (1-based) read: the context it
+        predicted from (cropped to the last ``context_length`` as the step was)."""
+        if not 1 <= k <= len(self.steps):
+            raise ValueError(f"step must be between 1 and {len(self.steps)}, got {k}")
+        end = self.steps[k - 1].position
+        return max(0, end - self.model.cfg.context_length), end
+
+    def attention_at(self, k: int, layer: int, window: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        """:meth:`attention` as step ``k`` saw it (any past step): the latest step reads the kept
+        rows; an earlier one is recomputed with one forward over the tokens it read."""
+        if k == len(self.steps):
+            return self.attention(layer, window)
+        n_layers = self.model.cfg.n_layers
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer must be between 0 and {n_layers - 1}, got {layer}")
+        start, end = self.read_by(k)
+        w = min(self.attn_window if window is None else window, end - start)
+        _require_eval(self.model)
+        trace = Trace(("attn_weights",), layers=[layer], last_rows=w)
+        with torch.inference_mode():
+            self.model(self._tensor(start, end), trace=trace, last_only=True)
+        square = trace.attentions[0][0, :, :, -w:]  # (n_heads, w, w)
+        return square.float().cpu().contiguous(), list(range(end - w, end))
+
     def full_attention(self, layer: int) -> tuple[torch.Tensor, list[int]]:
         """The whole causal T×T attention of `layer` over :attr:`context_span` (recomputed)."""
         start, end = self.context_span

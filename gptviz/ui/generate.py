@@ -34,11 +34,12 @@ class Main(NamedTuple):
     heatmap: go.Figure
     kv: str
     step_json: dict
+    view_step: Any  # the step selector: after an action, at the newest step
 
     @classmethod
     def blank(cls, message: str) -> "Main":
         return cls(note(message), plots.empty_figure(message, height=TOPK_HEIGHT),
-                   plots.empty_figure(message, height=HEATMAP_HEIGHT), "", {})
+                   plots.empty_figure(message, height=HEATMAP_HEIGHT), "", {}, gr.Slider(maximum=1, value=0))
 
 
 class Details(NamedTuple):
@@ -119,8 +120,8 @@ class GenerateView:
                        f"last {ctx} tokens, as the source's generate_text_simple crops.")
 
     # --------------------------------------------------------------- words and figures
-    def _text_html(self, s: GenerationSession) -> str:
-        """The growing text: prompt chips, then generated chips (the newest outlined)."""
+    def _text_html(self, s: GenerationSession, k: int) -> str:
+        """The growing text: prompt chips, then generated chips (step ``k``'s token outlined)."""
         ids, n_prompt, ctx = s.ids, len(s.prompt_ids), s.model.cfg.context_length
         legend = (f'<div class="legend"><span class="chip">prompt</span> <span class="chip gen">generated</span> '
                   f"&nbsp;{n_prompt} prompt + {len(s.steps)} generated tokens")
@@ -129,17 +130,20 @@ class GenerateView:
         sampled = {r.position for r in s.steps if r.sampled}
         if sampled:
             legend += f" · {len(sampled)} sampled (dashed)"
+        if k < len(s.steps):
+            legend += f" · viewing step {k} of {len(s.steps)}"
         chips = chips_html(ids, limit=self.ctx.settings.max_chips, generated_from=n_prompt,
-                           unseen_before=max(0, len(ids) - ctx), sampled=sampled)
+                           unseen_before=max(0, len(ids) - ctx), sampled=sampled,
+                           highlight=s.steps[k - 1].position if k else None)
         return chips + legend + "</div>"
 
     @staticmethod
-    def _this_step(s: GenerationSession) -> str:
-        """The last step in words: what it read and chose, the runner-up, and from which block on
+    def _this_step(s: GenerationSession, k: int) -> str:
+        """Step ``k`` in words: what it read and chose, the runner-up, and from which block on
         the logit lens already predicts the choice (Markdown)."""
-        r = s.steps[-1]
+        r = s.steps[k - 1]
         chosen = next((c for c in r.candidates if c.token_id == r.token_id), None)
-        text = f"**Step {len(s.steps)}** read {r.context_len} tokens and chose {md_code(label(r.token_id))}"
+        text = f"**Step {k}** read {r.context_len} tokens and chose {md_code(label(r.token_id))}"
         if chosen is not None:
             text += f" (p = {percent(chosen.prob)})"
         runner_up = next((c for c in r.candidates if c.token_id != r.token_id), None)
@@ -155,19 +159,19 @@ class GenerateView:
                      f". Logit lens: blocks {first}–{last} predict it")
         return text + "."
 
-    def _kv_readout(self, s: GenerationSession) -> str:
-        """What the KV cache holds and the work the last step saved."""
+    def _kv_readout(self, s: GenerationSession, k: int) -> str:
+        """What the KV cache holds and the work step ``k`` saved."""
         cfg, size = s.model.cfg, s.model.dtype.itemsize
         per_token = kv_bytes_per_token(cfg, size)
         formula = (f"2 (K, V) × {cfg.n_layers} blocks × {cfg.n_heads} heads × {cfg.head_dim} dims × {size} B "
                    f"= {per_token:,} B per token")
-        if not s.steps and s.cache_tokens:  # back at the prompt after Reset: the prompt's keys and values stay
+        if not k and s.cache_tokens:  # back at the prompt after Reset: the prompt's keys and values stay
             return (f"**KV cache:** {s.cache_tokens:,} prompt tokens cached = {nbytes(s.cache_tokens * per_token)}; "
                     f"the next Step reuses them.  \n{formula}")
-        if not s.steps:
+        if not k:
             return (f"**KV cache:** empty. The first Step runs the {len(s.ids)} prompt tokens through the model "
                     f"(a prefill) and keeps their keys and values; every later Step computes 1 position.  \n{formula}")
-        r = s.steps[-1]
+        r = s.steps[k - 1]
         if r.positions_computed < r.context_len:
             plural = "s" if r.positions_computed > 1 else ""
             work = (f"**This step computed {r.positions_computed} position{plural} instead of {r.context_len}**: "
@@ -179,7 +183,7 @@ class GenerateView:
         else:
             work = (f"**This step computed all {r.positions_computed} positions** (a prefill: there was no cache to "
                     "reuse).")
-        return (f"{self._this_step(s)}\n\n"
+        return (f"{self._this_step(s, k)}\n\n"
                 f"**KV cache:** {r.cache_tokens:,} tokens cached = {nbytes(r.cache_tokens * per_token)} of keys "
                 f"and values ({nbytes(r.cache_bytes)} allocated, grown in chunks) · {formula}  \n"
                 f"{work} Step time {r.ms:.0f} ms. The Inside tab shows the cache layer by layer.")
@@ -196,15 +200,15 @@ class GenerateView:
                                      [bool(c.kept) for c in candidates], ids, chosen=chosen, n_kept=n_kept,
                                      height=TOPK_HEIGHT, title=title)
 
-    def _topk_figure(self, s: GenerationSession) -> go.Figure:
-        if not s.steps:
+    def _topk_figure(self, s: GenerationSession, k: int) -> go.Figure:
+        if not k:
             return plots.empty_figure("Press Step to see the next-token candidates", height=TOPK_HEIGHT)
-        r, enc = s.steps[-1], get_encoding()
+        r, enc = s.steps[k - 1], get_encoding()
         read = label(s.ids[r.position - 1], enc, 20)
         how = f"draws “{label(r.token_id, enc, 20)}” (sampled, T={r.temperature:g})" if r.sampled else \
             f"picks “{label(r.token_id, enc, 20)}”"
         chosen = next((k for k, c in enumerate(r.candidates) if c.token_id == r.token_id), None)
-        return self._candidates_figure(r.candidates, f"Step {len(s.steps)}: after “{read}” the model {how}", chosen,
+        return self._candidates_figure(r.candidates, f"Step {k}: after “{read}” the model {how}", chosen,
                                        r.n_kept, not r.sampled)
 
     def candidates(self, prompt: str, temperature: Any, top_k: Any, top_p: Any, seed: Any,
@@ -221,10 +225,11 @@ class GenerateView:
         return self._candidates_figure(d.candidates, f"Next step (not taken yet): the model {what}", None, d.n_kept,
                                        d.greedy)
 
-    def _attention(self, s: GenerationSession, layer: int) -> _Attention:
-        weights, positions = s.attention(layer, self.ctx.settings.attn_window)
+    def _attention(self, s: GenerationSession, layer: int, k: int) -> _Attention:
+        window = self.ctx.settings.attn_window
+        weights, positions = s.attention_at(k, layer, window) if k else s.attention(layer, window)
         span = f"tokens {positions[0]}–{positions[-1]}" + (f" (last {len(positions)})" if positions[0] > 0 else "")
-        span += f", read by step {len(s.steps)}" if s.steps else ", the prompt"
+        span += f", read by step {k}" if k else ", the prompt"
         return _Attention(layer, weights.float().cpu(), positions, [label(s.ids[p]) for p in positions], span)
 
     @staticmethod
@@ -242,28 +247,29 @@ class GenerateView:
                                            title=f"Block {a.layer}: all {n_heads} heads · {a.span}")
         return avg, grid
 
-    def _lens_figure(self, s: GenerationSession) -> go.Figure:
-        if not s.steps:
+    def _lens_figure(self, s: GenerationSession, k: int) -> go.Figure:
+        if not k:
             return plots.empty_figure("Press Step to see what every block would predict (logit lens)",
                                       height=LENS_HEIGHT)
         enc = get_encoding()
-        first = max(0, len(s.steps) - self.ctx.settings.lens_steps)
-        steps = s.steps[first:]
+        first = max(0, k - self.ctx.settings.lens_steps)
+        steps = s.steps[first:k]
         read = [label(s.ids[r.position - 1], enc, 10) for r in steps]
         return plots.logit_lens_figure(
             [[label(e.token_id, enc, 24) for e in r.lens] for r in steps], [[e.prob for e in r.lens] for r in steps],
             read, height=_lens_height(len(steps[-1].lens)),
-            title=f"Logit lens: each block's top-1 next token, steps {first + 1}–{len(s.steps)}",
+            title=f"Logit lens: each block's top-1 next token, steps {first + 1}–{k}",
         )
 
     @staticmethod
-    def step_data(v: Visitor) -> dict:
-        """Everything a step produced, as plain data (the API's view of the session)."""
+    def step_data(v: Visitor, k: int | None = None) -> dict:
+        """Everything step ``k`` (default: the newest) produced, as plain data (the API's view of the session)."""
         s = v.session
+        k = len(s.steps) if k is None else k
         data: dict[str, Any] = dict(model=v.spec.label, ids=s.ids, prompt_tokens=len(s.prompt_ids), text=s.text,
-                                    steps=len(s.steps))
-        if s.steps:
-            r = s.steps[-1]
+                                    steps=len(s.steps), viewing=k)
+        if k:
+            r = s.steps[k - 1]
             data["last_step"] = dict(
                 token_id=r.token_id, piece=r.piece, cropped=r.cropped, context_len=r.context_len,
                 positions_computed=r.positions_computed, cache_tokens=r.cache_tokens, cache_bytes=r.cache_bytes,
@@ -273,12 +279,19 @@ class GenerateView:
             )
         return data
 
-    def main_view(self, v: Visitor, layer: Any, head: Any) -> Main:
+    @staticmethod
+    def viewed(s: GenerationSession, step: Any = None) -> int:
+        """The step to show: ``step`` clamped into 0 … the number of steps (None: the newest)."""
+        return len(s.steps) if step is None else index(step, len(s.steps) + 1)
+
+    def main_view(self, v: Visitor, layer: Any, head: Any, step: Any = None) -> Main:
+        """Every main output for step ``step`` (None: the newest, and the step selector moves to it)."""
         s = v.session
-        cfg = s.model.cfg
+        cfg, k = s.model.cfg, self.viewed(s, step)
         layer, head = index(layer, cfg.n_layers), index(head, cfg.n_heads)
-        return Main(self._text_html(s), self._topk_figure(s), self._heatmap(self._attention(s, layer), head),
-                    self._kv_readout(s), self.step_data(v))
+        selector = gr.Slider(maximum=max(1, len(s.steps)), value=k) if step is None else gr.skip()
+        return Main(self._text_html(s, k), self._topk_figure(s, k), self._heatmap(self._attention(s, layer, k), head),
+                    self._kv_readout(s, k), self.step_data(v, k), selector)
 
     # --------------------------------------------------------------- handlers (events)
     def step(self, prompt: str, layer: Any, head: Any, temperature: Any = 0, top_k: Any = 0, top_p: Any = 1,
@@ -325,27 +338,34 @@ class GenerateView:
             self.session(v, prompt).reset()
             return self.main_view(v, layer, head)
 
-    def details_view(self, v: Visitor, layer: Any) -> Details:
+    def details_view(self, v: Visitor, layer: Any, step: Any = None) -> Details:
         """(head average, all-heads grid, logit lens) of the visitor's session (``v.lock`` held)."""
         s = v.session
-        return Details(*self._layer_figures(self._attention(s, index(layer, s.model.cfg.n_layers))),
-                       self._lens_figure(s))
+        k = self.viewed(s, step)
+        return Details(*self._layer_figures(self._attention(s, index(layer, s.model.cfg.n_layers), k)),
+                       self._lens_figure(s, k))
 
-    def details(self, layer: Any, request: gr.Request) -> Details:
+    def details(self, layer: Any, step: Any, request: gr.Request) -> Details:
         """(head average, all-heads grid, logit lens): drawn after the main view of each action."""
         v = self.ctx.visitor(request)
         with v.lock:
-            return skip(Details) if v.session is None else self.details_view(v, layer)
+            return skip(Details) if v.session is None else self.details_view(v, layer, step)
 
-    def attention(self, layer: Any, head: Any, request: gr.Request) -> Heads:
-        """The chosen layer and head changed: (heatmap, head average, all-heads grid)."""
+    def view(self, step: Any, layer: Any, head: Any, request: gr.Request) -> Main:
+        """The step selector moved: every view shows that step (a past one is recomputed: one forward)."""
+        v = self.ctx.visitor(request)
+        with v.lock:
+            return skip(Main) if v.session is None else self.main_view(v, layer, head, step)
+
+    def attention(self, layer: Any, head: Any, request: gr.Request, step: Any = None) -> Heads:
+        """The chosen layer and head changed: (heatmap, head average, all-heads grid) of the viewed step."""
         v = self.ctx.visitor(request)
         with v.lock:
             s = v.session
             if s is None:
                 return skip(Heads)
             cfg = s.model.cfg
-            a = self._attention(s, index(layer, cfg.n_layers))
+            a = self._attention(s, index(layer, cfg.n_layers), self.viewed(s, step))
             return Heads(self._heatmap(a, index(head, cfg.n_heads)), *self._layer_figures(a))
 
     # --------------------------------------------------------------- layout and wiring
@@ -370,6 +390,8 @@ class GenerateView:
                 preview = chips_html(encode(DEFAULT_PROMPT), limit=s.max_chips) + \
                     '<div class="legend">the prompt, as tokens · press Step to generate the next one</div>'
                 c["gen_text"] = gr.HTML(preview, elem_id="gen-text", padding=True, min_height=120)
+                c["view_step"] = gr.Slider(0, 1, value=0, step=1, label="Viewing step (0 = the prompt)",
+                                           elem_id="view-step", info="go back to any past step: every view follows")
                 c["kv"] = gr.Markdown(main.kv, elem_id="kv-readout")
             with gr.Column(scale=2):
                 c["topk"] = gr.Plot(main.topk, show_label=False, elem_id="topk-plot")
@@ -390,7 +412,7 @@ class GenerateView:
     def wire(self) -> None:
         c, ctx = self.c, self.ctx
         main, event, knobs = components(Main, c), ctx.model_event, self.sampling_inputs
-        after = dict(fn=ctx.turns(self.details), inputs=[c["layer"]], outputs=components(Details, c),
+        after = dict(fn=ctx.turns(self.details), inputs=[c["layer"], c["view_step"]], outputs=components(Details, c),
                      api_visibility="private", **event)
         #: The actions' follow-up events (for the page: remember the session after each).
         self.actions = [
@@ -405,5 +427,7 @@ class GenerateView:
         ]
         gr.on([k.input for k in knobs], ctx.turns(self.candidates), [c["prompt"], *knobs], c["topk"],
               api_name="candidates", trigger_mode="always_last", **event)
-        gr.on([c["layer"].input, c["head"].input], ctx.turns(self.attention), [c["layer"], c["head"]],
+        gr.on([c["layer"].input, c["head"].input], ctx.turns(self.attention), [c["layer"], c["head"], c["view_step"]],
               components(Heads, c), api_name="attention", trigger_mode="always_last", **event)
+        c["view_step"].input(ctx.turns(self.view), [c["view_step"], c["layer"], c["head"]], main, api_name="view_step",
+                             trigger_mode="always_last", **event).success(**after)

@@ -27,22 +27,24 @@ def note(message: str) -> str:
 
 
 def chips_html(ids: list[int], enc=None, *, limit: int, generated_from: int | None = None,
-               unseen_before: int = 0, shade: list[float] | None = None, sampled: set[int] | None = None) -> str:
+               unseen_before: int = 0, shade: list[float] | None = None, sampled: set[int] | None = None,
+               highlight: int | None = None) -> str:
     """Token chips: the piece and its id, coloured by position.
 
     ``generated_from``: ids from this index on are generated (drawn as such, the last one
     outlined); ``unseen_before``: earlier ids lie outside the model's context (dimmed);
     ``limit``: at most this many chips are drawn (the count still covers all); ``shade``: a
     value in [0, 1] per chip drawn as its background intensity (saliency) instead of the colours;
-    ``sampled``: positions of tokens drawn by sampling (marked as such).
+    ``sampled``: positions of tokens drawn by sampling (marked as such); ``highlight``: the
+    generated token outlined (default: the last).
     """
     enc = enc or get_encoding()
-    out = []
+    out, outlined = [], len(ids) - 1 if highlight is None else highlight
     for k, token_id in enumerate(ids[:limit]):
         p = token_piece(token_id, enc)
         text, kind = display_text(p)
         generated = generated_from is not None and k >= generated_from
-        classes = ["chip", kind, "gen" if generated else "", "last" if generated and k == len(ids) - 1 else "",
+        classes = ["chip", kind, "gen" if generated else "", "last" if generated and k == outlined else "",
                    "unseen" if k < unseen_before else "", "sampled" if sampled and k in sampled else ""]
         extra = " · special token" if p.special else " · partial UTF-8 (part of a character)" if p.partial else ""
         title = f"position {k} · id {token_id} · bytes {p.hex}{extra}" + (" · sampled" if sampled and k in sampled
