@@ -14,6 +14,7 @@ from .parameters import ParametersView
 from .serving import AppContext
 from .share import ShareView
 from .tokenizer import TokenizerView
+from .why import WhyPanel
 
 STYLE = Path(__file__).with_name("style.css")
 THEME = gr.themes.Soft(
@@ -39,6 +40,7 @@ def build_page(ctx: AppContext) -> gr.Blocks:
     tokenizer, generate, inside = TokenizerView(ctx), GenerateView(ctx), InsideView(ctx)
     parameters, model = ParametersView(ctx), ModelView(ctx)
     share = ShareView(ctx, tokenizer, generate, model)
+    why = WhyPanel(ctx, generate)
     with gr.Blocks(title="gptviz: GPT-2 from the inside", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(HEADER, elem_id="header")
         share.build_state()
@@ -49,6 +51,7 @@ def build_page(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 share.link_row("generate")
                 generate.build()
+                why.build()
                 share.files_row()
             with gr.Tab("Inside", id="inside", elem_id="tab-inside") as inside_tab:
                 share.link_row("inside")
@@ -61,6 +64,7 @@ def build_page(ctx: AppContext) -> gr.Blocks:
                 model.build()
         tokenizer.wire()
         generate.wire()
+        why.wire()
         parameters.wire()
         # Between views: the Inside view traces the Generate view's text when its tab opens; a
         # model switch resets the Generate view; "Build random weights" reads the Parameters form;
