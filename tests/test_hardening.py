@@ -84,12 +84,12 @@ def chip_ids(html: str) -> list[int]:
     return [int(i) for i in re.findall(r'<span class="tid">(\d+)</span>', html)]
 
 
-def quietly(fn, *args):
+def quietly(fn, *args, **kwargs):
     """Call a handler, collecting its gr.Warning texts (outside a request they are Python warnings).
     A handler that streams (runs in slices) is run to its end: its last item is its output."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = fn(*args)
+        out = fn(*args, **kwargs)
         if hasattr(out, "__next__"):
             out = list(out)[-1]
     return out, [str(w.message) for w in caught]
@@ -179,7 +179,7 @@ def test_detokenize_refuses_non_ascii_digits_and_notations(app, item):
 @given(prompt=texts)
 def test_step_any_prompt(app, prompt):
     try:
-        out, said = quietly(GenerateView(app).step, prompt, 0, 0, new_visitor())
+        out, said = quietly(GenerateView(app).step, prompt, 0, 0, request=new_visitor())
     except gr.Error as e:
         assert not surrogates_replaced(prompt) and "prompt is empty" in e.message
         return
@@ -200,7 +200,7 @@ head_specs = st.lists(st.tuples(st.integers(0, 2), st.one_of(st.integers(0, 4), 
 @given(prompt=texts, heads=st.one_of(head_specs, texts))
 def test_ablation_any_heads_text(app, prompt, heads):
     try:
-        out, _ = quietly(InsideView(app).ablation, prompt or PROMPT, heads, new_visitor())
+        out, _ = quietly(InsideView(app).ablation, prompt or PROMPT, heads, request=new_visitor())
     except gr.Error as e:
         assert str(e.message).strip()
         return
@@ -210,7 +210,7 @@ def test_ablation_any_heads_text(app, prompt, heads):
 
 
 def test_step_escapes_html_in_the_growing_text(app, a):
-    text = GenerateView(app).step("<img src=x onerror=alert(1)>{{a}}", 0, 0, a).gen_text
+    text = GenerateView(app).step("<img src=x onerror=alert(1)>{{a}}", 0, 0, request=a).gen_text
     assert "<img" not in text and "&lt;" in text and "{{" not in text and "&#123;" in text
     assert_safe_html(text)
 
@@ -255,7 +255,8 @@ def test_build_model_never_builds_beyond_the_limit(fields):
                      default_spec=ModelSpec(RANDOM, TINY))
     ctx.models = ModelStore(fake_build)
     try:
-        quietly(ModelView(ctx).build_custom, vocab, ctx_len, emb, heads, layers, 0.0, False, False, dtype, visit("v"))
+        quietly(ModelView(ctx).build_custom, vocab, ctx_len, emb, heads, layers, 0.0, False, False, dtype,
+                request=visit("v"))
     except gr.Error as e:
         assert str(e.message).strip() and not built
         return
@@ -265,7 +266,7 @@ def test_build_model_never_builds_beyond_the_limit(fields):
 def test_a_model_at_the_limit_is_refused_with_its_size(a):
     ctx = AppContext(Settings(device="cpu"))
     with pytest.raises(gr.Error, match=r"needs [\d.]+ GB for its weights; this app allows 4.00 GB"):
-        ModelView(ctx).build_custom(50257, 1024, 2048, 16, 64, 0.0, False, False, "float32", a)  # ~3.4 B parameters
+        ModelView(ctx).build_custom(50257, 1024, 2048, 16, 64, 0.0, False, False, "float32", request=a)  # ~3.4 B parameters
     total = ParametersView(ctx).params(50257, 1024, 2048, 16, 64, 0.0, False, False).p_total  # the table counts it
     assert "parameters" in total
 
@@ -294,7 +295,7 @@ def no_loading(tiny_cfg) -> AppContext:
 def test_weights_selector_refuses_everything_but_the_allow_list(name, no_loading, a):
     with mock.patch("gptviz.weights.hf_hub_download", nothing):
         with pytest.raises(gr.Error, match="Unknown weights"):
-            ModelView(no_loading).load_weights(name, "float32", a)
+            ModelView(no_loading).load_weights(name, "float32", request=a)
     assert no_loading.visitor(a).spec == no_loading.default_spec
 
 
@@ -304,7 +305,7 @@ def test_weights_selector_fuzzed(no_loading, name):
     if name in PRETRAINED_NAMES or name == RANDOM:
         return
     with pytest.raises(gr.Error, match="Unknown weights"):
-        ModelView(no_loading).load_weights(name, "float32", new_visitor())
+        ModelView(no_loading).load_weights(name, "float32", request=new_visitor())
 
 
 def test_allowed_names_reach_only_the_loader_by_name(a, tiny_cfg):
@@ -317,7 +318,7 @@ def test_allowed_names_reach_only_the_loader_by_name(a, tiny_cfg):
     ctx = AppContext(LIMITS, default_spec=ModelSpec(RANDOM, tiny_cfg))  # its own store: nothing loaded yet
     with mock.patch.object(serving, "load_pretrained", loader):  # the one loader the app's models come from
         with pytest.raises(gr.Error, match="offline"):
-            ModelView(ctx).load_weights("gpt2-medium", "bfloat16", a)
+            ModelView(ctx).load_weights("gpt2-medium", "bfloat16", request=a)
     assert asked == ["gpt2-medium"]  # a name, resolved to openai-community/ by gptviz.weights
 
 
@@ -342,7 +343,7 @@ def test_no_share_link_and_a_pinned_gradio():
 
 
 def test_a_session_keeps_the_engines_memory_budget(app, a):
-    GenerateView(app).step(PROMPT, 0, 0, a)
+    GenerateView(app).step(PROMPT, 0, 0, request=a)
     assert app.visitor(a).session.max_retained_bytes == DEFAULT_MAX_RETAINED_BYTES <= 64 * 10**6
 
 
@@ -350,6 +351,6 @@ def test_many_visitors_keep_at_most_the_live_limit_of_sessions(make_ctx):
     ctx = make_ctx(max_live_sessions=4, max_sessions=6)
     gen = GenerateView(ctx)
     for k in range(10):
-        gen.step(PROMPT, 0, 0, visit(f"crowd-{k}"))
+        gen.step(PROMPT, 0, 0, request=visit(f"crowd-{k}"))
         assert ctx.visitors.live_sessions() <= 4 and len(ctx.visitors) <= 6
     assert ctx.visitors.live_sessions() == 4

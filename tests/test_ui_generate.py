@@ -36,9 +36,9 @@ def is_skip(x) -> bool:
 
 
 def test_steps_follow_the_source_greedy_loop(ctx, view, a, tiny_cfg):
-    out = view.step(PROMPT, 0, 0, a)
+    out = view.step(PROMPT, 0, 0, request=a)
     assert isinstance(out, Main) and out.step_json["ids"][:4] == HELLO_IDS and out.step_json["steps"] == 1
-    outs = list(view.step_n(PROMPT, 5, 1, 3, a))
+    outs = list(view.step_n(PROMPT, 5, 1, 3, request=a))
     assert len(outs) == 5 and [o.step_json["steps"] for o in outs] == [2, 3, 4, 5, 6]  # streamed one by one
     assert ctx.visitor(a).session.ids == source_greedy(seeded(tiny_cfg), HELLO_IDS, 6)
     assert outs[-1].step_json["ids"] == ctx.visitor(a).session.ids
@@ -47,8 +47,8 @@ def test_steps_follow_the_source_greedy_loop(ctx, view, a, tiny_cfg):
 
 
 def test_step_view_shows_this_steps_numbers(ctx, view, a):
-    view.step(PROMPT, 0, 0, a)
-    out = view.step(PROMPT, 1, 2, a)
+    view.step(PROMPT, 0, 0, request=a)
+    out = view.step(PROMPT, 1, 2, request=a)
     session = ctx.visitor(a).session
     r = session.steps[-1]
     assert [c.prob for c in r.candidates] == pytest.approx(list(out.topk.data[0].x))
@@ -64,19 +64,19 @@ def test_step_view_shows_this_steps_numbers(ctx, view, a):
 
 
 def test_step_readout_says_what_the_step_chose(ctx, view, a):
-    kv = view.step(PROMPT, 0, 0, a).kv
+    kv = view.step(PROMPT, 0, 0, request=a).kv
     r = ctx.visitor(a).session.steps[-1]
     assert f"**Step 1** read 4 tokens and chose `{label(r.token_id)}`" in kv
     assert f"ahead of `{label(r.candidates[1].token_id)}`" in kv and "Logit lens:" in kv
 
 
 def test_details_and_attention_endpoints(ctx, view, a, tiny_cfg):
-    out = view.details(0, a)
+    out = view.details(0, None, request=a)
     assert isinstance(out, Details) and all(is_skip(x) for x in out)  # nothing generated yet: nothing to redraw
-    assert all(is_skip(x) for x in view.attention(0, 0, a))
-    for _ in view.step_n(PROMPT, 3, 0, 0, a):
+    assert all(is_skip(x) for x in view.attention(0, 0, request=a))
+    for _ in view.step_n(PROMPT, 3, 0, 0, request=a):
         pass
-    out = view.details(1, a)
+    out = view.details(1, None, request=a)
     session = ctx.visitor(a).session
     weights, _ = session.attention(1)
     avg = np.nan_to_num(np.array(out.heatmap_avg.data[0].z, dtype=float))
@@ -86,7 +86,7 @@ def test_details_and_attention_endpoints(ctx, view, a, tiny_cfg):
     assert z.shape == (tiny_cfg.n_layers, 3)
     top_row = [session.steps[k].token_id for k in range(3)]
     assert [c for c in out.lens.data[0].customdata[-1]] == [label(i, None, 24) for i in top_row]
-    heads = view.attention(99, -5, a)  # out-of-range controls are clamped
+    heads = view.attention(99, -5, request=a)  # out-of-range controls are clamped
     assert isinstance(heads, Heads) and "Block 1, head 0" in heads.heatmap.layout.title.text
     assert "Block 1, average of 4 heads" in heads.heatmap_avg.layout.title.text
     assert "Block 1: all 4 heads" in heads.grid.layout.title.text
@@ -94,21 +94,21 @@ def test_details_and_attention_endpoints(ctx, view, a, tiny_cfg):
 
 def test_undo_reset_and_prompt_change(ctx, view, a):
     with pytest.warns(UserWarning, match="Nothing to undo"):
-        out = view.undo(0, 0, a)
+        out = view.undo(0, 0, request=a)
     assert all(is_skip(x) for x in out)
-    first = view.step(PROMPT, 0, 0, a).step_json["ids"]
-    view.step(PROMPT, 0, 0, a)
-    assert view.undo(0, 0, a).step_json["ids"] == first
-    assert view.step(PROMPT, 0, 0, a).step_json["ids"][:-1] == first  # undo then step repeats
-    out = view.reset(PROMPT, 0, 0, a)
+    first = view.step(PROMPT, 0, 0, request=a).step_json["ids"]
+    view.step(PROMPT, 0, 0, request=a)
+    assert view.undo(0, 0, request=a).step_json["ids"] == first
+    assert view.step(PROMPT, 0, 0, request=a).step_json["ids"][:-1] == first  # undo then step repeats
+    out = view.reset(PROMPT, 0, 0, request=a)
     assert out.step_json["ids"] == HELLO_IDS and out.step_json["steps"] == 0
     assert out.heatmap.layout.title.text.endswith("tokens 0–3, the prompt")
     assert f"{ctx.visitor(a).session.cache_tokens} prompt tokens cached" in out.kv  # what the readout promises ...
-    assert "computed 1 position instead of 4" in view.step(PROMPT, 0, 0, a).kv  # ... holds
-    view.reset(PROMPT, 0, 0, a)
+    assert "computed 1 position instead of 4" in view.step(PROMPT, 0, 0, request=a).kv  # ... holds
+    view.reset(PROMPT, 0, 0, request=a)
     with pytest.warns(UserWarning, match="Nothing to undo"):
-        view.undo(0, 0, a)
-    data = view.step("Once upon a time", 0, 0, a).step_json  # a new prompt starts a new session
+        view.undo(0, 0, request=a)
+    data = view.step("Once upon a time", 0, 0, request=a).step_json  # a new prompt starts a new session
     assert data["prompt_tokens"] == 4 and data["ids"][:2] == [7454, 2402] and data["steps"] == 1
 
 
@@ -118,23 +118,23 @@ def test_undo_reset_and_prompt_change(ctx, view, a):
      ("a b " * 600, "limit is 1,024 tokens")],
 )
 def test_bad_prompts_are_refused_and_the_session_survives(view, a, prompt, message):
-    view.step(PROMPT, 0, 0, a)
+    view.step(PROMPT, 0, 0, request=a)
     with pytest.raises(gr.Error, match=message):
-        view.step(prompt, 0, 0, a)
-    assert view.step(PROMPT, 0, 0, a).step_json["steps"] == 2
+        view.step(prompt, 0, 0, request=a)
+    assert view.step(PROMPT, 0, 0, request=a).step_json["steps"] == 2
 
 
 @pytest.mark.parametrize("n", [0, LIMITS.max_steps_per_click + 1, "many", None])
 def test_step_n_refuses_bad_counts(view, a, n):
     with pytest.raises(gr.Error, match="Step ×N"):
-        next(view.step_n(PROMPT, n, 0, 0, a))
+        next(view.step_n(PROMPT, n, 0, 0, request=a))
 
 
 def test_step_n_takes_up_to_the_settings_limit(make_ctx, a):
     view = GenerateView(make_ctx(max_steps_per_click=3))
-    assert len(list(view.step_n(PROMPT, 3, 0, 0, a))) == 3
+    assert len(list(view.step_n(PROMPT, 3, 0, 0, request=a))) == 3
     with pytest.raises(gr.Error, match="1 to 3 steps per click, got 4"):
-        next(view.step_n(PROMPT, 4, 0, 0, a))
+        next(view.step_n(PROMPT, 4, 0, 0, request=a))
 
 
 def test_steps_past_the_context_crop_with_one_warning(make_ctx, a):
@@ -142,7 +142,7 @@ def test_steps_past_the_context_crop_with_one_warning(make_ctx, a):
     ctx = make_ctx(cfg)
     view = GenerateView(ctx)
     with pytest.warns(UserWarning, match="longer than the model's context") as warned:
-        outs = list(view.step_n(PROMPT, 8, 0, 0, a))
+        outs = list(view.step_n(PROMPT, 8, 0, 0, request=a))
     assert sum("context" in str(w.message) for w in warned) == 1  # said once, when cropping starts
     last = outs[-1]
     assert last.step_json["last_step"]["cropped"] and last.step_json["last_step"]["context_len"] == 8
@@ -153,26 +153,26 @@ def test_steps_past_the_context_crop_with_one_warning(make_ctx, a):
 
 def test_session_token_limit(make_ctx, a):
     view = GenerateView(make_ctx(max_session_tokens=6))
-    view.step(PROMPT, 0, 0, a)
-    view.step(PROMPT, 0, 0, a)
+    view.step(PROMPT, 0, 0, request=a)
+    view.step(PROMPT, 0, 0, request=a)
     with pytest.raises(gr.Error, match="limit is 6"):
-        view.step(PROMPT, 0, 0, a)
-    assert view.reset(PROMPT, 0, 0, a).step_json["steps"] == 0
+        view.step(PROMPT, 0, 0, request=a)
+    assert view.reset(PROMPT, 0, 0, request=a).step_json["steps"] == 0
 
 
 def test_visitors_do_not_share_sessions(ctx, view):
-    alone = view.step(PROMPT, 0, 0, visit("alone")).step_json["ids"]
-    view.step(PROMPT, 0, 0, visit("a"))
-    view.step("Something else entirely", 0, 0, visit("b"))
-    view.step("Something else entirely", 0, 0, visit("b"))
+    alone = view.step(PROMPT, 0, 0, request=visit("alone")).step_json["ids"]
+    view.step(PROMPT, 0, 0, request=visit("a"))
+    view.step("Something else entirely", 0, 0, request=visit("b"))
+    view.step("Something else entirely", 0, 0, request=visit("b"))
     a, b = ctx.visitor(visit("a")), ctx.visitor(visit("b"))
     assert a is not b
     assert a.session.ids == alone and len(b.session.ids) == len(encode("Something else entirely")) + 2
     assert a.session.model is b.session.model  # one shared model, no copies
-    assert view.undo(0, 0, visit("b")).step_json["steps"] == 1 and a.session.ids == alone  # undo is b's own
+    assert view.undo(0, 0, request=visit("b")).step_json["steps"] == 1 and a.session.ids == alone  # undo is b's own
 
 
 def test_a_request_without_a_session_hash_is_one_anonymous_visitor(ctx, view):
-    view.step(PROMPT, 0, 0, None)
-    assert view.step(PROMPT, 0, 0, object()).step_json["steps"] == 2  # the same (anonymous) visitor
-    assert view.step(PROMPT, 0, 0, visit("a")).step_json["steps"] == 1
+    view.step(PROMPT, 0, 0, request=None)
+    assert view.step(PROMPT, 0, 0, request=object()).step_json["steps"] == 2  # the same (anonymous) visitor
+    assert view.step(PROMPT, 0, 0, request=visit("a")).step_json["steps"] == 1

@@ -77,12 +77,12 @@ def ids_in(column) -> list[int]:
 
 
 def test_shapes_trace_the_tokens_the_next_step_reads(view, gen, a, tiny_cfg):
-    out = view.shapes(PROMPT, False, a)  # no session yet: the prompt
+    out = view.shapes(PROMPT, False, request=a)  # no session yet: the prompt
     assert isinstance(out, Shapes)
     assert "the 4 tokens the next Step reads" in out.inside_about and "Hello, I am" in out.inside_about
-    for _ in gen.step_n(PROMPT, 2, 0, 0, a):
+    for _ in gen.step_n(PROMPT, 2, 0, 0, request=a):
         pass
-    about, table, code = view.shapes(PROMPT, False, a)
+    about, table, code = view.shapes(PROMPT, False, request=a)
     t, h, d = 6, tiny_cfg.n_heads, tiny_cfg.emb_dim // tiny_cfg.n_heads  # 4 prompt + 2 generated tokens
     assert "the 6 tokens the next Step reads (4 prompt + 2 generated tokens)" in about
     rows = dict(zip(table["module"].str.strip(), table["output"]))
@@ -96,19 +96,19 @@ def test_shapes_trace_the_tokens_the_next_step_reads(view, gen, a, tiny_cfg):
     number, text = highlighted(code)  # an attention-scores line of the real source (which one: the next test)
     assert MODEL_LINES[number - 1].strip() == text.strip() and "attn_scores" in text
     assert "MultiHeadAttention.forward" in code
-    full = view.shapes(PROMPT, True, a).shape_table
+    full = view.shapes(PROMPT, True, request=a).shape_table
     assert len(full) > len(table) and (full["module"].str.strip() == "trf_blocks.1").sum() == 1
-    other = view.shapes("Something else", False, a).inside_about  # another prompt than the session's: that prompt
+    other = view.shapes("Something else", False, request=a).inside_about  # another prompt than the session's: that prompt
     assert "the 2 tokens the next Step reads (2 prompt + 0 generated tokens)" in other
 
 
 def test_shapes_highlight_where_the_attention_scores_are_made(view, a):
-    number, text = highlighted(view.shapes(PROMPT, False, a).code)
+    number, text = highlighted(view.shapes(PROMPT, False, request=a).code)
     assert "attn_scores = queries @ keys" in text and MODEL_LINES[number - 1].strip() == text.strip()
 
 
 def test_clicking_a_shape_row_highlights_its_line(view, a):
-    table = view.shapes(PROMPT, False, a).shape_table
+    table = view.shapes(PROMPT, False, request=a).shape_table
     row = table[table["module"].str.strip() == "W_query"].iloc[0].tolist()
     code = InsideView.shape_line(gr.SelectData(None, {"index": [8, 0], "value": row[0], "row_value": row}))
     number, text = highlighted(code)
@@ -120,11 +120,11 @@ def test_clicking_a_shape_row_highlights_its_line(view, a):
 
 
 def test_ablation_compares_candidates_and_leaves_the_model_alone(ctx, view, gen, a, tiny_cfg):
-    gen.step(PROMPT, 0, 0, a)
+    gen.step(PROMPT, 0, 0, request=a)
     session = ctx.visitor(a).session
     model, ids = session.model, session.ids
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = result(view.ablation(PROMPT, "0.1, L1H*", a))
+    out = result(view.ablation(PROMPT, "0.1, L1H*", request=a))
     assert isinstance(out, Ablation)
     summary, table, figure = out
     n = tiny_cfg.n_heads
@@ -141,7 +141,7 @@ def test_ablation_compares_candidates_and_leaves_the_model_alone(ctx, view, gen,
     assert (bars_normal.name, bars_ablated.name) == ("normal", "ablated")
     np.testing.assert_allclose(bars_normal.x[:3], torch.softmax(normal, -1).topk(3).values.numpy(), rtol=1e-4)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the shared model is untouched
-    assert gen.step(PROMPT, 0, 0, a).step_json["ids"] == source_greedy(seeded(tiny_cfg), HELLO_IDS, 2)
+    assert gen.step(PROMPT, 0, 0, request=a).step_json["ids"] == source_greedy(seeded(tiny_cfg), HELLO_IDS, 2)
 
 
 @pytest.mark.parametrize("heads, message", [("", "Type the heads"), ("2.0", "layer 2 is out of range"),
@@ -149,13 +149,13 @@ def test_ablation_compares_candidates_and_leaves_the_model_alone(ctx, view, gen,
                                             ("0.1" * 10_000, "20,000")])
 def test_ablation_refuses_bad_head_lists(view, a, heads, message):
     with pytest.raises(gr.Error, match=message):
-        result(view.ablation(PROMPT, heads, a))
-    assert "Switched off <b>1 of" in result(view.ablation(PROMPT, "1.3", a)).ablate_summary  # still usable
+        result(view.ablation(PROMPT, heads, request=a))
+    assert "Switched off <b>1 of" in result(view.ablation(PROMPT, "1.3", request=a)).ablate_summary  # still usable
 
 
 def test_precision_compares_float32_with_one_shared_copy_per_dtype(ctx, view, a, tiny_cfg):
     ctx.models = ModelStore(lambda spec: build_model(spec, ctx.device))  # a store of this test's own
-    out = result(view.precision(PROMPT, a))
+    out = result(view.precision(PROMPT, request=a))
     assert isinstance(out, Precision)
     summary, table = out
     spec = ctx.visitor(a).spec
@@ -174,18 +174,18 @@ def test_precision_compares_float32_with_one_shared_copy_per_dtype(ctx, view, a,
     assert "<th>float32</th><th>bfloat16</th><th>float16</th>" in summary
     assert "one forward over 4 tokens" in summary and summary.count(" ms") == 3
     assert f"top-1 · top-{TOP_K} shared with float32" in summary
-    result(view.precision(PROMPT, visit("b")))
+    result(view.precision(PROMPT, request=visit("b")))
     assert ctx.models.low_precision(spec, torch.bfloat16) is bf16  # one copy per shared model, not per visitor
     assert ctx.models.low_precision(spec, torch.float16) is fp16
 
 
 def test_precision_refusals(make_ctx, a, tiny_cfg):
     with pytest.raises(gr.Error, match="a bfloat16 and a float16 copy beside the model"):
-        result(InsideView(make_ctx(max_model_bytes=10**4)).precision(PROMPT, a))
+        result(InsideView(make_ctx(max_model_bytes=10**4)).precision(PROMPT, request=a))
     ctx = make_ctx()
     ctx.visitor(a).spec = ModelSpec(RANDOM, tiny_cfg, "bfloat16")  # as the Model tab switches it
     with pytest.raises(gr.Error, match="runs in bfloat16"):
-        result(InsideView(ctx).precision(PROMPT, a))
+        result(InsideView(ctx).precision(PROMPT, request=a))
 
 
 def test_precision_memory_limit_counts_all_three_models(make_ctx, a, tiny_cfg):
@@ -193,17 +193,17 @@ def test_precision_memory_limit_counts_all_three_models(make_ctx, a, tiny_cfg):
 
     need = estimated_bytes(tiny_cfg, torch.float32) + estimated_bytes(tiny_cfg, torch.bfloat16) \
         + estimated_bytes(tiny_cfg, torch.float16)
-    result(InsideView(make_ctx(max_model_bytes=need)).precision(PROMPT, a))  # exactly enough
+    result(InsideView(make_ctx(max_model_bytes=need)).precision(PROMPT, request=a))  # exactly enough
     with pytest.raises(gr.Error, match="GPTVIZ_MAX_MODEL_BYTES"):
-        result(InsideView(make_ctx(max_model_bytes=need - 1)).precision(PROMPT, a))
+        result(InsideView(make_ctx(max_model_bytes=need - 1)).precision(PROMPT, request=a))
 
 
 def test_kv_cache_view_shows_the_sessions_cache(view, gen, a, tiny_cfg):
-    out = view.kv_cache(a)
+    out = view.kv_cache(request=a)
     assert isinstance(out, Cache) and "cache is empty" in out.kv_summary and len(out.kv_table) == 0
-    for _ in gen.step_n(PROMPT, 3, 0, 0, a):
+    for _ in gen.step_n(PROMPT, 3, 0, 0, request=a):
         pass
-    summary, table, figure = view.kv_cache(a)
+    summary, table, figure = view.kv_cache(request=a)
     cached, d = 6, tiny_cfg.emb_dim // tiny_cfg.n_heads  # 4 prompt + 2 generated tokens have been read
     assert table["layer"].tolist() == list(range(tiny_cfg.n_layers))
     assert set(table["K shape"]) == set(table["V shape"]) == {f"(1, {tiny_cfg.n_heads}, {cached}, {d})"}
@@ -214,15 +214,15 @@ def test_kv_cache_view_shows_the_sessions_cache(view, gen, a, tiny_cfg):
     without, with_cache = figure.data
     assert with_cache.name == "with the KV cache" and all(a <= b for a, b in zip(with_cache.y, without.y))
     assert figure.layout.shapes[0].x0 == 6  # "now" marked at this step's context
-    gen.reset(PROMPT, 0, 0, a)  # back at the prompt, which stays cached
-    summary = view.kv_cache(a).kv_summary
+    gen.reset(PROMPT, 0, 0, request=a)  # back at the prompt, which stays cached
+    summary = view.kv_cache(request=a).kv_summary
     assert "<b>The next Step</b>" in summary and "ran 1 of 4 positions" in summary
 
 
 def test_kv_cache_view_after_the_context_overflows(make_ctx, a):
     ctx = make_ctx(GPTConfig(context_length=6, emb_dim=16, n_heads=2, n_layers=2))
     with pytest.warns(UserWarning, match="longer than the model's context"):
-        for _ in GenerateView(ctx).step_n(PROMPT, 4, 0, 0, a):
+        for _ in GenerateView(ctx).step_n(PROMPT, 4, 0, 0, request=a):
             pass
-    summary, table, figure = InsideView(ctx).kv_cache(a)
+    summary, table, figure = InsideView(ctx).kv_cache(request=a)
     assert "recomputes all 6 positions" in summary and len(table) == 0 and figure.layout.shapes[0].x0 == 6

@@ -22,9 +22,9 @@ SMALL = GPTConfig(emb_dim=8, n_heads=2, n_layers=1)
 
 def test_build_custom_switches_only_this_visitor(ctx):
     gen, view = GenerateView(ctx), ModelView(ctx)
-    gen.step(PROMPT, 0, 0, visit("other"))
-    gen.step(PROMPT, 0, 0, visit("a"))
-    out = view.build_custom(50257, 32, 48, 3, 3, 0.0, True, True, "float32", visit("a"))
+    gen.step(PROMPT, 0, 0, request=visit("other"))
+    gen.step(PROMPT, 0, 0, request=visit("a"))
+    out = view.build_custom(50257, 32, 48, 3, 3, 0.0, True, True, "float32", request=visit("a"))
     assert isinstance(out, Switched)
     v = ctx.visitor(visit("a"))
     assert v.spec.cfg == GPTConfig(context_length=32, emb_dim=48, n_heads=3, n_layers=3, drop_rate=0.0,
@@ -35,12 +35,12 @@ def test_build_custom_switches_only_this_visitor(ctx):
     assert "Model changed to" in out.gen_text and out.step_json == {} and out.kv == ""  # the Generate view reset
     for figure in (out.topk, out.heatmap, out.heatmap_avg, out.grid, out.lens):  # every figure blanked, saying why
         assert figure.data == () and figure.layout.annotations[0].text.startswith("Model changed to")
-    data = gen.step(PROMPT, 2, 2, visit("a")).step_json
+    data = gen.step(PROMPT, 2, 2, request=visit("a")).step_json
     assert data["steps"] == 1 and len(v.session.model.trf_blocks) == 3
     assert data["ids"] == source_greedy(seeded(v.spec.cfg), HELLO_IDS, 1)
     assert len(ctx.visitor(visit("other")).session.model.trf_blocks) == 2  # the other visitor keeps its model
-    view.build_custom(50257, 32, 48, 3, 3, 0.0, True, True, "float32", visit("b"))
-    gen.step(PROMPT, 0, 0, visit("b"))
+    view.build_custom(50257, 32, 48, 3, 3, 0.0, True, True, "float32", request=visit("b"))
+    gen.step(PROMPT, 0, 0, request=visit("b"))
     assert ctx.visitor(visit("b")).session.model is v.session.model  # the same configuration: one shared model
 
 
@@ -51,16 +51,16 @@ def test_build_custom_switches_only_this_visitor(ctx):
 def test_build_custom_refuses_bad_configs(ctx, fields, message):
     spec = ctx.visitor(visit("a")).spec
     with pytest.raises(gr.Error, match=message):
-        ModelView(ctx).build_custom(*fields, "float32", visit("a"))
+        ModelView(ctx).build_custom(*fields, "float32", request=visit("a"))
     assert ctx.visitor(visit("a")).spec == spec
 
 
 def test_memory_limit(make_ctx):
     with pytest.raises(gr.Error, match="gpt2-xl, float32 needs 6.2"):
-        ModelView(make_ctx()).load_weights("gpt2-xl", "float32", visit("a"))  # refused before any download
+        ModelView(make_ctx()).load_weights("gpt2-xl", "float32", request=visit("a"))  # refused before any download
     small = make_ctx(max_model_bytes=10**6)
     with pytest.raises(gr.Error, match="allows 0.00 GB"):
-        ModelView(small).build_custom(50257, 1024, 768, 12, 12, 0.1, False, False, "bfloat16", visit("a"))
+        ModelView(small).build_custom(50257, 1024, 768, 12, 12, 0.1, False, False, "bfloat16", request=visit("a"))
     assert small.visitor(visit("a")).spec == small.default_spec
 
 
@@ -74,18 +74,18 @@ def test_load_weights_failures_keep_the_previous_model(ctx):
     view = ModelView(ctx)
     spec = ctx.visitor(visit("a")).spec
     with pytest.raises(gr.Error, match="offline"):
-        view.load_weights("gpt2", "bfloat16", visit("a"))
+        view.load_weights("gpt2", "bfloat16", request=visit("a"))
     with pytest.raises(gr.Error, match="Unknown weights"):
-        view.load_weights("../../etc/passwd", "float32", visit("a"))
+        view.load_weights("../../etc/passwd", "float32", request=visit("a"))
     with pytest.raises(gr.Error, match="Unknown dtype"):
-        view.load_weights("gpt2", "float8", visit("a"))
+        view.load_weights("gpt2", "float8", request=visit("a"))
     assert ctx.visitor(visit("a")).spec == spec
-    assert GenerateView(ctx).step(PROMPT, 0, 0, visit("a")).step_json["steps"] == 1
+    assert GenerateView(ctx).step(PROMPT, 0, 0, request=visit("a")).step_json["steps"] == 1
 
 
 def test_load_random_weights(ctx):
     ctx.models = ModelStore(lambda spec: seeded(SMALL))  # stands in for the 124M model
-    out = ModelView(ctx).load_weights(RANDOM, "bfloat16", visit("a"))
+    out = ModelView(ctx).load_weights(RANDOM, "bfloat16", request=visit("a"))
     assert ctx.visitor(visit("a")).spec == ModelSpec(RANDOM, PRESETS["seed-124M"], "bfloat16")
     assert "seed 123" in out.card and "bfloat16" in out.card
     assert ctx.visitor(visit("b")).spec == ctx.default_spec  # only this visitor switched
@@ -99,13 +99,13 @@ def test_default_model_is_the_seeded_source_config():
     assert AppContext(gpt2).visitor(visit("a")).spec == ModelSpec("gpt2")
     assert ModelSpec.default(Settings(weights="gpt2", dtype="bfloat16")) == ModelSpec("gpt2", None, "bfloat16")
     operator = AppContext(Settings(weights="/srv/secret/ckpt", device="cpu"))  # an operator's path
-    card = ModelView(operator).model_card(visit("a"))
+    card = ModelView(operator).model_card(request=visit("a"))
     assert "/srv/secret" not in card and "operator" in card
 
 
 def test_card_of_a_model_not_built_yet():
     ctx = AppContext(Settings(device="cpu"))  # its own store: nothing built
-    card = ModelView(ctx).model_card(visit("a"))
+    card = ModelView(ctx).model_card(request=visit("a"))
     assert "| status | loads on the first Step |" in card and "| parameters | 163,009,536 |" in card
     assert "`torch.manual_seed(123)`" in card and "| device | cpu |" in card
     assert ctx.default_spec not in ctx.models  # the card builds nothing

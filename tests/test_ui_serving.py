@@ -131,7 +131,7 @@ def test_idle_visitors_are_forgotten_after_the_ttl(tiny_cfg):
 
 def test_a_closed_tab_frees_its_session_unless_busy(ctx):
     gen = GenerateView(ctx)
-    gen.step(PROMPT, 0, 0, visit("a"))
+    gen.step(PROMPT, 0, 0, request=visit("a"))
     v = ctx.visitor(visit("a"))
     session = weakref.ref(v.session)
     with v.lock:  # busy: the running step finishes with its session
@@ -141,7 +141,7 @@ def test_a_closed_tab_frees_its_session_unless_busy(ctx):
     del v
     gc.collect()
     assert session() is None  # nothing else holds it: its KV cache and history are gone
-    gen.step(PROMPT, 0, 0, visit("b"))
+    gen.step(PROMPT, 0, 0, request=visit("b"))
     b = ctx.visitor(visit("b"))
     session = weakref.ref(b.session)
     ctx.visitors.release("b")  # idle: freed at once
@@ -156,23 +156,23 @@ def test_live_sessions_are_capped_least_recently_used_first(make_ctx):
     gen = GenerateView(ctx)
     vs = [ctx.visitor(visit(str(k))) for k in range(5)]
     for k in range(3):
-        gen.step(PROMPT, 0, 0, visit(str(k)))
+        gen.step(PROMPT, 0, 0, request=visit(str(k)))
     dropped = weakref.ref(vs[1].session)
     with vs[0].lock:  # the least recently used is busy: it keeps its session, the next idle one goes
-        gen.step(PROMPT, 0, 0, visit("3"))
+        gen.step(PROMPT, 0, 0, request=visit("3"))
     assert [v.session is not None for v in vs] == [True, False, True, True, False]
-    gen.step(PROMPT, 0, 0, visit("4"))  # now vs[0] goes
+    gen.step(PROMPT, 0, 0, request=visit("4"))  # now vs[0] goes
     assert [v.session is not None for v in vs] == [False, False, True, True, True]
     assert ctx.visitors.live_sessions() == 3
     gc.collect()
     assert dropped() is None  # its KV cache and history are gone
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = gen.step(PROMPT, 0, 0, visit("1")).step_json
+        data = gen.step(PROMPT, 0, 0, request=visit("1")).step_json
     assert data["steps"] == 1 and any("released to make room" in str(w.message) for w in caught)  # told, restarts
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gen.step(PROMPT, 0, 0, visit("1"))
+        gen.step(PROMPT, 0, 0, request=visit("1"))
     assert not any("released" in str(w.message) for w in caught)  # told once
 
 
@@ -256,7 +256,7 @@ def test_visitors_can_step_from_many_threads_at_once(ctx, tiny_cfg, tiny_model):
     got: dict[int, list[int]] = {}
 
     def run(k):
-        for _ in step_n(prompts[k], 5, 0, 0, visit(f"v{k}")):
+        for _ in step_n(prompts[k], 5, 0, 0, request=visit(f"v{k}")):
             pass
         got[k] = ctx.visitor(visit(f"v{k}")).session.ids
 
