@@ -47,7 +47,7 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import KVCache
+from .kv_cache import BatchKVCache, KVCache
 from .model import GPTModel
 from .trace import VALUES, Trace
 from .tokenizer import ENDOFTEXT_ID, encode, token_piece
@@ -59,6 +59,7 @@ __all__ = [
     "NextDistribution",
     "GenerationSession",
     "generate_greedy",
+    "step_together",
     "sampling_distribution",
     "DEFAULT_MAX_RETAINED_BYTES",
 ]
@@ -565,24 +566,41 @@ class GenerationSession:
             for i in range(s, a, PREFILL_CHUNK):  # positions whose rows are not displayed: no trace
                 model(self._tensor(i, min(i + PREFILL_CHUNK, a)), cache, last_only=True)
             logits = model(self._tensor(a, end), cache, trace=trace, last_only=True)[0, -1]  # (vocab,)
-            span = end - a + width - 1  # keys the new rows need
-            attn = torch.stack([att[0, ..., -span:] for att in trace.attentions])  # (L, n_heads, end - a, <= span)
-            rows = _band(attn, width)  # (L, n_heads, end - a, width)
-            if self._rows is None:
-                shape = (cfg.n_layers, cfg.n_heads, width + UNDO_ROWS, width)
-                self._rows = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
-            capacity = self._rows.shape[2]
-            keep = min(end - a, capacity)
-            slots = torch.arange(end - keep, end, device=rows.device) % capacity
-            self._rows[:, :, slots] = rows[:, :, -keep:]
-            residuals = None
-            if self.logit_lens:
-                residuals = torch.stack([r[0, -1] for r in trace.residuals])[:-1]  # (L - 1, emb)
+            residuals = self._absorb(end, a, c0, cache, trace.attentions, trace.residuals)
+        return logits, residuals, end - s
+
+    def _absorb(self, end: int, a: int, c0: int, cache: KVCache, attentions: list[torch.Tensor],
+                residuals: list[torch.Tensor]) -> torch.Tensor | None:
+        """Keep what a read of positions ``[a, end)`` recorded (one batch row each): the attention
+        rows to display, the cache; returns the lens residuals ``(n_layers - 1, emb)`` or None."""
+        cfg, width = self.model.cfg, self.attn_window
+        span = end - a + width - 1  # keys the new rows need
+        attn = torch.stack([att[0, ..., -span:] for att in attentions])  # (L, n_heads, end - a, <= span)
+        rows = _band(attn, width)  # (L, n_heads, end - a, width)
+        if self._rows is None:
+            shape = (cfg.n_layers, cfg.n_heads, width + UNDO_ROWS, width)
+            self._rows = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
+        capacity = self._rows.shape[2]
+        keep = min(end - a, capacity)
+        slots = torch.arange(end - keep, end, device=rows.device) % capacity
+        self._rows[:, :, slots] = rows[:, :, -keep:]
+        lens = torch.stack([r[0, -1] for r in residuals])[:-1] if self.logit_lens else None  # (L - 1, emb)
         # Rows kept before `a` stay valid if they were computed in the same context and join up.
         lo = self._lo if (self._rows_c0 == c0 and self._lo <= a <= self._hi) else a
         self._lo, self._hi, self._rows_c0 = max(lo, end - capacity), end, c0
         self._cache = cache if c0 == 0 else None
-        return logits, residuals, end - s
+        return lens
+
+    @property
+    def batchable(self) -> bool:
+        """The next step reads exactly one new position through the kept cache (uncropped, its
+        attention rows joined up): it can run in one batched forward with other sessions' steps
+        (:func:`step_together`)."""
+        end = len(self._ids)
+        return (self._pending is None and not self.finished and self._cache is not None
+                and end <= self.model.cfg.context_length and self._cache.length == end - 1
+                and self._rows is not None and self._rows_c0 == 0 and self._hi == end - 1
+                and self._lo <= max(0, end - self.attn_window))
 
     def _step(self) -> StepRecord:
         t0 = time.perf_counter()
@@ -705,16 +723,12 @@ class GenerationSession:
             v = trace.get(VALUES)[0][0]  # (n_heads, w, head_dim)
         return v.float().cpu().contiguous(), list(range(end - w, end))
 
-    def _lens_top1(self, residuals: torch.Tensor) -> tuple[list[int], list[float]]:
+    def _lens_top1(self, residuals: torch.Tensor | tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
         """Top-1 id and probability of the logit lens ``out_head(final_norm(x))`` for each row of
-        ``(n, emb)``. Written as ``(W @ xᵀ)ᵀ``: for a few rows against the 50257 × emb head, MKL
-        runs that about twice as fast as ``F.linear`` (what ``GPTModel.logit_lens`` calls)."""
-        with torch.inference_mode():
-            normed = self.model.final_norm(residuals)  # (n, emb)
-            logits = (self.model.out_head.weight @ normed.T).T.contiguous().float()  # (n, vocab)
-            top = logits.max(dim=-1)
-            probs = torch.exp(top.values - torch.logsumexp(logits, dim=-1))  # softmax at the top-1
-        return top.indices.tolist(), probs.tolist()
+        ``(n, emb)`` (or the answer itself, when :func:`step_together` computed it for a batch)."""
+        if isinstance(residuals, tuple):
+            return residuals
+        return lens_top1(self.model, residuals)
 
     def _draw(self, probs: torch.Tensor, position: int) -> int:
         """One draw from ``probs`` (vocab,) on the CPU, seeded by (seed, position) only."""
@@ -744,3 +758,56 @@ def generate_greedy(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, con
             idx_next = torch.argmax(probas, dim=-1, keepdim=True)  # (batch, 1)
             idx = torch.cat((idx, idx_next), dim=1)  # (batch, n_tokens + 1)
     return idx
+
+
+# --------------------------------------------------------------------------- batched steps
+
+
+def lens_top1(model: GPTModel, residuals: torch.Tensor) -> tuple[list[int], list[float]]:
+    """Top-1 id and probability of the logit lens ``out_head(final_norm(x))`` for each row of
+    ``(n, emb)``: one product with the output head for all rows (the head is the largest matrix
+    of the model; reading it once for every block, and every visitor of a batch, is the point)."""
+    with torch.inference_mode():
+        normed = model.final_norm(residuals)  # (n, emb)
+        logits = model.out_head(normed).float()  # (n, vocab), in the head's fastest layout
+        top = logits.max(dim=-1)
+        probs = torch.exp(top.values - torch.logsumexp(logits, dim=-1))  # softmax at the top-1
+    return top.indices.tolist(), probs.tolist()
+
+
+def step_together(sessions: list[GenerationSession]) -> list[StepRecord]:
+    """One step of each session, their model reads batched into one forward (NEW: serving many
+    visitors; the weights are read once for all of them instead of once each).
+
+    Every session must be :attr:`~GenerationSession.batchable` and share one model. Each gets
+    the record its own ``step()`` would give: the same token choice, logits equal to float32
+    tolerance (one batched matrix product instead of one per visitor), its own attention rows,
+    lens and cache.
+    """
+    if not sessions:
+        return []
+    model = sessions[0].model
+    if any(s.model is not model or not s.batchable for s in sessions):
+        raise ValueError("step_together needs batchable sessions of one model")
+    _require_eval(model)
+    ends = [len(s._ids) for s in sessions]
+    ids = torch.tensor([[s._ids[e - 1]] for s, e in zip(sessions, ends)], device=model.device)  # (b, 1)
+    positions = torch.tensor([[e - 1] for e in ends], device=model.device)  # (b, 1)
+    lens = any(s.logit_lens for s in sessions)
+    trace = Trace(("attn_weights", "residual") if lens else ("attn_weights",))
+    cache = BatchKVCache([s._cache for s in sessions])
+    with torch.inference_mode():
+        logits = model(ids, cache, trace=trace, last_only=True, positions=positions)[:, -1]  # (b, vocab)
+        kept = []
+        for i, (s, end) in enumerate(zip(sessions, ends)):
+            attentions = [att[i : i + 1, ..., :end] for att in trace.attentions]  # (1, n_heads, 1, end): its own keys
+            kept.append(s._absorb(end, end - 1, 0, s._cache, attentions, [r[i : i + 1] for r in trace.residuals]))
+        rows = [r for r in kept if r is not None]
+        if rows:  # every visitor's lens in one product with the head
+            ids_all, probs_all = lens_top1(model, torch.cat(rows))
+            n = rows[0].shape[0]
+            answers = iter((ids_all[j : j + n], probs_all[j : j + n]) for j in range(0, len(ids_all), n))
+            kept = [next(answers) if r is not None else None for r in kept]
+    for i, (s, end) in enumerate(zip(sessions, ends)):
+        s._pending = (end, logits[i], kept[i], 1)
+    return [s.step(1)[0] for s in sessions]

@@ -13,7 +13,7 @@ import torch
 if TYPE_CHECKING:
     from .model import GPTModel
 
-__all__ = ["LayerKVCache", "KVCache"]
+__all__ = ["LayerKVCache", "KVCache", "BatchKVCache"]
 
 
 class LayerKVCache:
@@ -100,3 +100,46 @@ class KVCache:
             return 0
         b, h, _, d = first.k.shape
         return 2 * len(self.layers) * b * h * self.length * d * first.k.element_size()
+
+
+class BatchLayerKVCache:
+    """One layer of several visitors' caches, continued together by one batched step.
+
+    :meth:`update` appends each row's new keys and values to that row's own cache and returns
+    them all padded to the longest, ``(b, n_heads, T_max, head_dim)``; :attr:`padding` then marks
+    ``(b, T_max)`` the keys a row does not have, which attention masks out.
+    """
+
+    def __init__(self, layers: list[LayerKVCache]) -> None:
+        self.layers = layers
+        self.padding: torch.Tensor | None = None
+
+    def update(self, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [layer.update(k_new[i : i + 1], v_new[i : i + 1]) for i, layer in enumerate(self.layers)]
+        lengths = torch.tensor([k.shape[2] for k, _ in rows], device=k_new.device)
+        b, h, _, d = k_new.shape
+        t_max = int(lengths.max())
+        keys, values = k_new.new_zeros((b, h, t_max, d)), v_new.new_zeros((b, h, t_max, d))
+        for i, (k, v) in enumerate(rows):
+            keys[i, :, : k.shape[2]] = k[0]
+            values[i, :, : v.shape[2]] = v[0]
+        self.padding = torch.arange(t_max, device=k_new.device)[None, :] >= lengths[:, None]  # (b, T_max)
+        return keys, values
+
+
+class BatchKVCache:
+    """Several visitors' :class:`KVCache`\\ s stepped by one forward (each row continues its own cache).
+
+    Pass it with the rows' ``positions`` to ``GPTModel.forward``; each underlying cache grows
+    exactly as a solo step would grow it.
+    """
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        self.caches = caches
+        self.layers = [BatchLayerKVCache([c.layers[i] for c in caches]) for i in range(len(caches[0].layers))]
+
+    @property
+    def length(self) -> int:
+        """The longest row's cached positions (for the context-length check)."""
+        return max(c.length for c in self.caches)
+

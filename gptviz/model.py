@@ -192,6 +192,9 @@ class MultiHeadAttention(nn.Module):
         attn_scores = queries @ keys.transpose(2, 3)  # (b, n_heads, T, T_k)
         mask_bool = self.mask[offset : offset + num_tokens, :num_keys]  # (T, T_k)
         attn_scores.masked_fill_(mask_bool, -torch.inf)
+        padding = getattr(cache, "padding", None)  # NEW (batching): (b, T_k) keys a row does not have
+        if padding is not None:
+            attn_scores.masked_fill_(padding[:, None, None, :], -torch.inf)
         record(ATTN_SCORES, attn_scores)  # NEW (trace)
 
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)  # (b, n_heads, T, T_k)
@@ -321,13 +324,16 @@ class GPTModel(nn.Module):
         trace: Trace | None = None,
         head_mask: torch.Tensor | None = None,
         last_only: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(b, T, vocab_size)`` for token ids ``(b, T)``.
 
         ``cache``: a :class:`KVCache`; ``in_idx`` then holds only the positions after those
         already cached. ``trace``: a :class:`Trace` to record into. ``head_mask``:
         ``(n_layers, n_heads)``, 0 switches a head off. ``last_only``: compute logits for
-        the last position only, ``(b, 1, vocab_size)`` (what generation needs).
+        the last position only, ``(b, 1, vocab_size)`` (what generation needs). ``positions``:
+        ``(b, T)`` absolute positions per row, for rows that continue caches of different lengths
+        (a :class:`~gptviz.kv_cache.BatchKVCache`: several visitors' steps in one forward).
         """
         batch_size, seq_len = in_idx.shape
         start = cache.length if cache is not None else 0  # NEW (KV cache): positions already cached
@@ -342,7 +348,9 @@ class GPTModel(nn.Module):
                 f"got {tuple(head_mask.shape)}"
             )
         tok_embeds = self.tok_emb(in_idx)  # (b, T, emb)
-        pos_embeds = self.pos_emb(torch.arange(start, start + seq_len, device=in_idx.device))  # (T, emb)
+        if positions is None:
+            positions = torch.arange(start, start + seq_len, device=in_idx.device)  # (T,)
+        pos_embeds = self.pos_emb(positions)  # (T, emb), or (b, T, emb) for batched visitors (NEW)
         x = tok_embeds + pos_embeds  # (b, T, emb)
         x = self.drop_emb(x)
         for i, block in enumerate(self.trf_blocks):

@@ -113,7 +113,7 @@ class GenerateView:
         if len(s.ids) >= limit:
             raise error(f"This session has {len(s.ids):,} tokens; the limit is {limit:,}. "
                         "Press Reset to start again from the prompt.")
-        s.step(1)
+        self.ctx.steps.step(s)  # takes its turn on the model, batched with other visitors' Steps
         if s.steps[-1].cropped and (len(s.steps) == 1 or not s.steps[-2].cropped):
             ctx = s.model.cfg.context_length
             gr.Warning(f"The text is now longer than the model's context ({ctx} tokens): each step sees only the "
@@ -412,13 +412,15 @@ class GenerateView:
     def wire(self) -> None:
         c, ctx = self.c, self.ctx
         main, event, knobs = components(Main, c), ctx.model_event, self.sampling_inputs
-        after = dict(fn=ctx.turns(self.details), inputs=[c["layer"], c["view_step"]], outputs=components(Details, c),
+        # Step, Step ×N and the details take their turn on the model inside (ctx.steps batches the
+        # Steps of visitors who press at once), so figures are drawn outside the model's turn.
+        after = dict(fn=self.details, inputs=[c["layer"], c["view_step"]], outputs=components(Details, c),
                      api_visibility="private", **event)
         #: The actions' follow-up events (for the page: remember the session after each).
         self.actions = [
-            c["step_btn"].click(ctx.turns(self.step), [c["prompt"], c["layer"], c["head"], *knobs], main,
+            c["step_btn"].click(self.step, [c["prompt"], c["layer"], c["head"], *knobs], main,
                                 api_name="step", **event).success(**after),
-            c["stepn_btn"].click(ctx.turns(self.step_n), [c["prompt"], c["n_steps"], c["layer"], c["head"], *knobs],
+            c["stepn_btn"].click(self.step_n, [c["prompt"], c["n_steps"], c["layer"], c["head"], *knobs],
                                  main, api_name="step_n", **event).success(**after),
             c["undo_btn"].click(ctx.turns(self.undo), [c["layer"], c["head"]], main, api_name="undo",
                                 **event).success(**after),

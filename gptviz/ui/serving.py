@@ -32,13 +32,13 @@ import gradio as gr
 import torch
 
 from ..config import PRESETS, GPTConfig
-from ..generation import GenerationSession
+from ..generation import GenerationSession, step_together
 from ..inside import low_precision_copy
 from ..model import GPTModel
 from ..settings import DTYPES, RANDOM, SEED, Settings
 from ..weights import WeightsError, WeightsSource, estimated_bytes, is_allowed_name, load_pretrained
 
-__all__ = ["UPLOAD", "ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "AppContext", "build_model", "error"]
+__all__ = ["UPLOAD", "ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "StepBatcher", "AppContext", "build_model", "error"]
 
 
 def error(message: str) -> gr.Error:
@@ -320,6 +320,81 @@ class Turns:
             self.release()
 
 
+class StepBatcher:
+    """Visitors' Steps that arrive together run as one batched forward (the model's weights read
+    once for all of them): a Step that finds no batch running leads one — it takes the model's
+    turn, gathers every Step waiting (up to ``max_batch``, same model, one new position each)
+    and runs them with :func:`~gptviz.generation.step_together`; the others wait for their
+    result. Alone, a Step runs at once: no waiting window. Steps that cannot be batched (a
+    prefill, a cropped context) run alone in their turn."""
+
+    def __init__(self, turns: Turns, max_batch: int = 16) -> None:
+        self.turns, self.max_batch = turns, max_batch
+        self._cond = threading.Condition()
+        self._queue: list[_Job] = []
+        self._leading = False
+        self.batches: list[int] = []  # sizes of recent batches (for the load benchmark)
+
+    def step(self, session: GenerationSession) -> None:
+        """One step of ``session`` (its visitor's lock held by the caller)."""
+        if not session.batchable:
+            with self.turns.turn(Turns.STEP):
+                session.step(1)
+            return
+        job = _Job(session)
+        with self._cond:
+            self._queue.append(job)
+            while not job.done and self._leading:
+                self._cond.wait()
+            if job.done:
+                return job.result()
+            self._leading = True  # this thread leads the next batch
+        try:
+            with self.turns.turn(Turns.STEP):
+                with self._cond:
+                    batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                self._run(batch)
+        finally:
+            with self._cond:
+                self._leading = False
+                self._cond.notify_all()
+        return job.result()
+
+    def _run(self, batch: list["_Job"]) -> None:
+        groups: dict[int, list[_Job]] = {}
+        for job in batch:
+            groups.setdefault(id(job.session.model), []).append(job)
+        for jobs in groups.values():
+            ready = [j for j in jobs if j.session.batchable]
+            try:
+                step_together([j.session for j in ready])
+                for j in ready:
+                    j.finish()
+            except BaseException as e:  # noqa: BLE001 - handed to each visitor's own thread
+                for j in ready:
+                    j.finish(e)
+            for j in jobs:
+                if not j.done:  # changed meanwhile (cannot happen under the visitor's lock): alone
+                    try:
+                        j.session.step(1)
+                        j.finish()
+                    except BaseException as e:  # noqa: BLE001
+                        j.finish(e)
+        self.batches = (self.batches + [len(batch)])[-256:]
+
+
+class _Job:
+    def __init__(self, session: GenerationSession) -> None:
+        self.session, self.done, self.error = session, False, None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.done, self.error = True, error
+
+    def result(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 # --------------------------------------------------------------------------- the context
 
 
@@ -334,6 +409,7 @@ class AppContext:
         s = self.settings
         self.visitors = Visitors(self.default_spec, s.max_sessions, s.max_live_sessions, s.session_ttl_s)
         self.turn = Turns()  # one unit of model work at a time, steps first
+        self.steps = StepBatcher(self.turn)  # visitors' concurrent Steps in one forward
 
     # --- visitors and their models
     def visitor(self, request: Any) -> Visitor:

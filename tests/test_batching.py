@@ -1,0 +1,113 @@
+"""Batched steps across visitors: one forward for several sessions gives each its solo result."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from gptviz import GPTConfig, GPTModel, KVCache
+from gptviz.generation import GenerationSession, step_together
+from gptviz.kv_cache import BatchKVCache
+from gptviz.ui.serving import StepBatcher, Turns
+
+from .conftest import assert_clear_top1
+
+pytestmark = pytest.mark.numeric
+
+PROMPTS = ["Hello, I am", "Once upon a time there was", "The", "1 2 3 4 5 6 7 8 9", "def main():"]
+
+
+def solo_runs(model, enc, steps):
+    runs = []
+    for p in PROMPTS:
+        s = GenerationSession(model, enc, p)
+        s.step(steps)
+        runs.append(s)
+    return runs
+
+
+def test_batched_forward_over_caches_of_different_lengths_equals_each_row_alone(tiny_model):
+    rows = [torch.randint(0, 50257, (1, n)) for n in (3, 9, 1, 14)]
+    caches = [KVCache.for_model(tiny_model) for _ in rows]
+    with torch.no_grad():
+        for r, c in zip(rows, caches):
+            if r.shape[1] > 1:
+                tiny_model(r[:, :-1], c)  # each visitor's earlier positions, cached
+        expected = [tiny_model(r)[:, -1] for r in rows]  # each row alone, uncached
+        batch = BatchKVCache(caches)
+        new = torch.cat([r[:, -1:] for r in rows])  # (4, 1)
+        positions = torch.tensor([[r.shape[1] - 1] for r in rows])
+        out = tiny_model(new, batch, positions=positions, last_only=True)[:, -1]
+    for i, e in enumerate(expected):
+        # Not bit-exact: one (4, emb) product against four (1, emb) ones. float32 logits of size ~1:
+        # 1e-5 is the cached-vs-uncached bound used throughout.
+        torch.testing.assert_close(out[i : i + 1], e, atol=1e-5, rtol=0)
+    assert [c.length for c in caches] == [r.shape[1] for r in rows]  # each cache grew by its one position
+
+
+def test_step_together_gives_every_session_its_solo_tokens_and_numbers(tiny_model, enc):
+    solo = solo_runs(tiny_model, enc, 12)
+    for s in solo:  # token equality below is exact: make sure no choice is a near-tie
+        with torch.no_grad():
+            assert_clear_top1(tiny_model(torch.tensor([s.ids[:-1]]))[0, len(s.prompt_ids) - 1:])
+    together = [GenerationSession(tiny_model, enc, p) for p in PROMPTS]
+    for s in together:
+        s.step(1)  # the prefill runs alone
+    for _ in range(11):
+        assert all(s.batchable for s in together)
+        step_together(together)
+    for a, b in zip(solo, together):
+        assert a.ids == b.ids
+        for ra, rb in zip(a.steps, b.steps):
+            assert [c.token_id for c in ra.candidates] == [c.token_id for c in rb.candidates]
+            torch.testing.assert_close(torch.tensor([c.prob for c in rb.candidates]),
+                                       torch.tensor([c.prob for c in ra.candidates]), atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(torch.tensor([e.prob for e in rb.lens]), torch.tensor([e.prob for e in ra.lens]),
+                                       atol=1e-6, rtol=1e-4)
+        for layer in range(tiny_model.cfg.n_layers):
+            wa, pa = a.attention(layer)
+            wb, pb = b.attention(layer)
+            assert pa == pb
+            torch.testing.assert_close(wb, wa, atol=1e-6, rtol=0)  # attention weights in [0, 1], float32
+        assert b.cache_tokens == a.cache_tokens
+
+
+def test_step_together_refuses_what_it_cannot_batch(tiny_model, enc):
+    fresh = GenerationSession(tiny_model, enc, "Hello")  # no cache yet: its first step is a prefill
+    assert not fresh.batchable
+    with pytest.raises(ValueError, match="batchable"):
+        step_together([fresh])
+    other = GenerationSession(GPTModel(tiny_model.cfg).eval(), enc, "Hello")
+    warm = GenerationSession(tiny_model, enc, "Hello")
+    warm.step(1)
+    other.step(1)
+    with pytest.raises(ValueError, match="one model"):
+        step_together([warm, other])
+    assert step_together([]) == []
+
+
+def test_the_batcher_serves_concurrent_steps_in_batches_with_solo_results(tiny_model, enc):
+    solo = solo_runs(tiny_model, enc, 8)
+    batcher = StepBatcher(Turns())
+    sessions = [GenerationSession(tiny_model, enc, p) for p in PROMPTS]
+    start, errors = threading.Barrier(len(sessions)), []
+
+    def visitor(s):
+        try:
+            start.wait()
+            for _ in range(8):
+                batcher.step(s)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=visitor, args=(s,)) for s in sessions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [s.ids for s in sessions] == [s.ids for s in solo]
+    assert max(batcher.batches) > 1  # steps that arrived together ran together
+    assert sum(batcher.batches) == len(sessions) * 7  # every step after the prefills, each exactly once
