@@ -192,16 +192,22 @@ def test_changing_n_layers_changes_the_total(page):
 def test_gradio_client_one_session_per_client(app_url):
     from gradio_client import Client
 
+    from gptviz.ui.generate import Main
+    from gptviz.ui.parameters import Counted
+    from gptviz.ui.tokenizer import Tokenized
+
+    step_json = Main._fields.index("step_json")  # outputs come in the order of the view's named outputs
+
     a, b, alone = (Client(app_url, verbose=False) for _ in range(3))
-    assert a.predict("Hello, I am", api_name="/tokenize")[2] == ", ".join(HELLO_IDS)
+    assert a.predict("Hello, I am", api_name="/tokenize")[Tokenized._fields.index("tok_ids")] == ", ".join(HELLO_IDS)
     for _ in range(2):
-        data_a = a.predict("Hello, I am", 0, 0, api_name="/step")[4]
-    data_b = b.predict("Once upon a time", 0, 0, api_name="/step")[4]
+        data_a = a.predict("Hello, I am", 0, 0, api_name="/step")[step_json]
+    data_b = b.predict("Once upon a time", 0, 0, api_name="/step")[step_json]
     assert data_a["steps"] == 2 and data_b["steps"] == 1 and data_b["ids"][:4] == [7454, 2402, 257, 640]
     alone.predict("Hello, I am", 0, 0, api_name="/step")
-    data_alone = alone.predict("Hello, I am", 0, 0, api_name="/step")[4]
+    data_alone = alone.predict("Hello, I am", 0, 0, api_name="/step")[step_json]
     assert data_alone["ids"] == data_a["ids"]  # what b did changed nothing for a
-    assert a.predict(0, 0, api_name="/undo")[4]["steps"] == 1
-    assert a.predict("Hello, I am", 0, 0, api_name="/reset")[4]["ids"] == [int(i) for i in HELLO_IDS]
-    total = a.predict(50257, 1024, 768, 12, 12, 0.1, False, True, api_name="/params")[0]
+    assert a.predict(0, 0, api_name="/undo")[step_json]["steps"] == 1
+    assert a.predict("Hello, I am", 0, 0, api_name="/reset")[step_json]["ids"] == [int(i) for i in HELLO_IDS]
+    total = a.predict(50257, 1024, 768, 12, 12, 0.1, False, True, api_name="/params")[Counted._fields.index("p_total")]
     assert "124,412,160" in total

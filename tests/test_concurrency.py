@@ -26,8 +26,13 @@ from gptviz import PRESETS, GPTModel, encode, generate_greedy
 from gptviz.generation import GenerationSession
 from gptviz.settings import Settings
 from gptviz.ui import running_app
+from gptviz.ui.generate import Main
+from gptviz.ui.parameters import Counted
+from gptviz.ui.tokenizer import Tokenized
 
 N_CLIENTS, N_STEPS = 8, 20
+#: Where an endpoint's outputs are in gradio_client's tuple: the order of the view's named outputs.
+STEP_JSON, TOK_IDS = Main._fields.index("step_json"), Tokenized._fields.index("tok_ids")
 LONG_RUN = 32  # Step ×N in the turn-taking test (the limit is Settings.max_steps_per_click = 64)
 
 
@@ -90,7 +95,7 @@ def test_clients_stepping_at_once_each_get_their_own_prompts_tokens(url):
         c = client(url)
         for _ in range(N_STEPS):
             t = time.perf_counter()
-            *_, data = c.predict(prompts[k], 0, 0, api_name="/step")
+            data = c.predict(prompts[k], 0, 0, api_name="/step")[STEP_JSON]
             latencies.append(time.perf_counter() - t)
             seen[k].append(data["ids"])
         c.close()
@@ -110,7 +115,7 @@ def test_a_long_step_n_lets_other_visitors_step_in_between(url):
     def visitor(k):
         c = client(url)
         if k < 2:  # two visitors run Step ×N
-            *_, data = c.predict(f"Long run {k}", LONG_RUN, 0, 0, api_name="/step_n")
+            data = c.predict(f"Long run {k}", LONG_RUN, 0, 0, api_name="/step_n")[STEP_JSON]
             assert data["steps"] == LONG_RUN
         else:  # the others press Step a few times meanwhile
             for _ in range(3):
@@ -147,7 +152,7 @@ def test_hostile_calls_get_a_message_and_the_session_survives(hostile_visitor, e
     with pytest.raises(AppError) as refused:
         hostile_visitor.predict(*args, api_name=endpoint)
     assert str(refused.value).strip() and "Traceback" not in str(refused.value)
-    *_, data = hostile_visitor.predict("Hello, I am", 0, 0, api_name="/step")
+    data = hostile_visitor.predict("Hello, I am", 0, 0, api_name="/step")[STEP_JSON]
     assert data["ids"][:4] == [15496, 11, 314, 716] and data["steps"] >= 1  # the session goes on
 
 
@@ -155,7 +160,9 @@ def call(url: str, endpoint: str, *args) -> list:
     """One call through Gradio's REST API with ASCII-escaped JSON, which can carry what
     gradio_client cannot send: lone surrogates such as \\ud800 (a JSON escape, valid JSON)."""
     base = url.rstrip("/") + "/gradio_api/call/" + endpoint
-    event = httpx.post(base, content=json.dumps({"data": list(args)}),
+    info = client(url).view_api(print_info=False, return_format="dict")["named_endpoints"][f"/{endpoint}"]
+    defaults = [p["parameter_default"] for p in info["parameters"][len(args):]]  # optional trailing inputs
+    event = httpx.post(base, content=json.dumps({"data": [*args, *defaults]}),
                        headers={"content-type": "application/json"}).json()["event_id"]
     stream = httpx.get(f"{base}/{event}", timeout=60).text
     kind, data = re.findall(r"^event: (\w+)\ndata: (.*)$", stream, re.M)[-1]
@@ -165,10 +172,11 @@ def call(url: str, endpoint: str, *args) -> list:
 
 def test_odd_unicode_round_trips_through_the_api(url):
     text = "a\u0301 👩‍👩‍👧‍👦 שלום 日本 \x00\x1b \ud800 \udfff <|endoftext|> <b>"
-    chips, summary, ids, table = call(url, "tokenize", text)
+    out = call(url, "tokenize", text)
+    chips, ids = out[Tokenized._fields.index("tok_chips")], out[TOK_IDS]
     decoded, _ = call(url, "detokenize", ids)
     assert decoded == text.replace("\ud800", "\ufffd").replace("\udfff", "\ufffd") and "<b>" not in chips
-    data = call(url, "step", text, 0, 0)[4]  # the step data: gen_text, topk, heatmap, kv, step_json
+    data = call(url, "step", text, 0, 0)[STEP_JSON]
     assert data["ids"][:-1] == [int(i) for i in ids.split(", ")] and data["steps"] == 1
 
 
@@ -215,7 +223,7 @@ def test_step_n_streams_each_step(url):
     c = client(url)
     job = c.submit("Streamed run", 3, 0, 0, api_name="/step_n")
     job.result(timeout=120)
-    assert [out[4]["steps"] for out in job.outputs()] == [1, 2, 3]  # one update per step, as it is made
+    assert [out[STEP_JSON]["steps"] for out in job.outputs()] == [1, 2, 3]  # one update per step, as it is made
     c.close()
 
 
@@ -235,8 +243,8 @@ def test_model_work_waits_for_its_turn_and_other_work_does_not(url, demo):
     try:
         jobs = [c.submit(*args, api_name=endpoint) for c, (endpoint, args) in zip(clients, MODEL_CALLS)]
         time.sleep(3)
-        assert other.predict("Hello, I am", api_name="/tokenize")[2] == "15496, 11, 314, 716"
-        assert "163,009,536" in other.predict(50257, 1024, 768, 12, 12, 0.1, False, False, api_name="/params")[0]
+        assert other.predict("Hello, I am", api_name="/tokenize")[TOK_IDS] == "15496, 11, 314, 716"
+        assert "163,009,536" in other.predict(50257, 1024, 768, 12, 12, 0.1, False, False, api_name="/params")[Counted._fields.index("p_total")]
         waiting = [endpoint for job, (endpoint, _) in zip(jobs, MODEL_CALLS) if not job.done()]
         assert waiting == [endpoint for endpoint, _ in MODEL_CALLS]
     finally:
