@@ -15,6 +15,7 @@ from ..formatting import nbytes, percent
 from ..generation import GenerationSession
 from ..params import kv_bytes_per_token
 from ..tokenizer import encode, get_encoding, label
+from .components import Plot
 from .html import chips_html, esc, md_code, note
 from .inputs import index, prompt_ids
 from .outputs import components, skip
@@ -394,16 +395,16 @@ class GenerateView:
                                            elem_id="view-step", info="go back to any past step: every view follows")
                 c["kv"] = gr.Markdown(main.kv, elem_id="kv-readout")
             with gr.Column(scale=2):
-                c["topk"] = gr.Plot(main.topk, show_label=False, elem_id="topk-plot")
+                c["topk"] = Plot(main.topk, show_label=False, elem_id="topk-plot")
         with gr.Row():
             c["layer"] = gr.Slider(0, max(1, n_layers - 1), value=0, step=1, label="Block (layer)",
                                    elem_id="layer-slider")
             c["head"] = gr.Slider(0, max(1, n_heads - 1), value=0, step=1, label="Head", elem_id="head-slider")
         with gr.Row():
-            c["heatmap"] = gr.Plot(main.heatmap, show_label=False, elem_id="heatmap")
-            c["heatmap_avg"] = gr.Plot(details.heatmap_avg, show_label=False, elem_id="heatmap-avg")
-        c["grid"] = gr.Plot(details.grid, show_label=False, elem_id="heads-grid")
-        c["lens"] = gr.Plot(details.lens, show_label=False, elem_id="lens-plot")
+            c["heatmap"] = Plot(main.heatmap, show_label=False, elem_id="heatmap")
+            c["heatmap_avg"] = Plot(details.heatmap_avg, show_label=False, elem_id="heatmap-avg")
+        c["grid"] = Plot(details.grid, show_label=False, elem_id="heads-grid")
+        c["lens"] = Plot(details.lens, show_label=False, elem_id="lens-plot")
         with gr.Accordion("Raw data of the last step (what the step API returns)", open=False,
                           elem_id="step-json-acc"):
             c["step_json"] = gr.JSON(main.step_json, elem_id="step-json", show_label=False)

@@ -18,6 +18,7 @@ from ..inside import (Slices, ablate_in_slices, cache_savings, compare_precision
 from ..model import GPTModel, MultiHeadAttention
 from ..settings import DTYPES
 from ..tokenizer import get_encoding, label
+from .components import Plot
 from .html import code_html, esc, tok
 from .inputs import check_text, prompt_ids
 from .outputs import components, skip
@@ -335,7 +336,7 @@ class InsideView:
                                                  elem_classes="compact", wrap=True, buttons=[],
                                                  column_widths=PAIR_WIDTHS)
             with gr.Column(scale=4):
-                c["ablate_plot"] = gr.Plot(plots.empty_figure("Press “Switch off and compare”", height=COMPARE_HEIGHT),
+                c["ablate_plot"] = Plot(plots.empty_figure("Press “Switch off and compare”", height=COMPARE_HEIGHT),
                                            show_label=False, elem_id="ablate-plot")
         gr.Markdown("### Precision: float32, bfloat16 and float16\nThe same next-token prediction from the model and "
                     "from a bfloat16 and a float16 copy of it (one copy each per shared model, made on first use).",
@@ -354,7 +355,7 @@ class InsideView:
         with gr.Row():
             with gr.Column(scale=4):
                 c["kv_summary"] = gr.HTML("", elem_id="kv-summary")
-                c["kv_plot"] = gr.Plot(plots.empty_figure("Press Step on the Generate tab", height=KV_HEIGHT),
+                c["kv_plot"] = Plot(plots.empty_figure("Press Step on the Generate tab", height=KV_HEIGHT),
                                        show_label=False, elem_id="kv-plot")
             with gr.Column(scale=5):
                 c["kv_table"] = gr.Dataframe(pd.DataFrame(columns=KV_COLUMNS), interactive=False, show_label=False,

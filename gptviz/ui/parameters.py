@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 from .. import plots
 from ..config import CONFIG_FIELDS, PRESETS, GPTConfig, config_from_fields
 from ..params import count_params, format_breakdown, memory_and_compute, nearest_preset, param_breakdown
+from .components import Plot
 from .outputs import components, skip
 from .serving import AppContext, error
 
@@ -97,7 +98,7 @@ class ParametersView:
                         c[f"cfg_{f}"] = gr.Checkbox(getattr(base, f), label=f, elem_id=f"cfg-{f}")
             with gr.Column(scale=3):
                 c["p_total"] = gr.Markdown(first.p_total, elem_id="params-total")
-                c["p_chart"] = gr.Plot(first.p_chart, show_label=False, elem_id="params-chart")
+                c["p_chart"] = Plot(first.p_chart, show_label=False, elem_id="params-chart")
         c["p_table"] = gr.Dataframe(first.p_table, label="Parameter breakdown (as the source counts them)",
                                     interactive=False, wrap=True, elem_id="params-table", max_height=680,
                                     elem_classes="compact", column_widths=list(BREAKDOWN_COLUMNS.values()))

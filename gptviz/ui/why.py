@@ -20,6 +20,7 @@ from ..plots_explain import attribution_waterfall, lens_lines_figure, saliency_f
 from ..settings import RANDOM
 from ..tokenizer import get_encoding, label
 from .generate import GenerateView
+from .components import Plot
 from .html import chips_html, esc, md_code
 from .outputs import components, skip
 from .serving import AppContext, Turns, Visitor, error
@@ -128,17 +129,17 @@ class WhyPanel:
             c["why_note"] = gr.Markdown("", elem_id="why-note")
             with gr.Row():
                 with gr.Column(scale=3):
-                    c["why_plot"] = gr.Plot(plots.empty_figure("Press “Explain the viewed step”",
+                    c["why_plot"] = Plot(plots.empty_figure("Press “Explain the viewed step”",
                                                                height=WATERFALL_HEIGHT),
                                             show_label=False, elem_id="why-plot")
                 with gr.Column(scale=2):
-                    c["lens_lines"] = gr.Plot(plots.empty_figure("", height=LENS_LINES_HEIGHT), show_label=False,
+                    c["lens_lines"] = Plot(plots.empty_figure("", height=LENS_LINES_HEIGHT), show_label=False,
                                               elem_id="lens-lines")
                     c["why_table"] = gr.Dataframe(pd.DataFrame(columns=WHY_COLUMNS), interactive=False,
                                                   show_label=False, max_height=300, elem_id="why-table",
                                                   elem_classes="compact")
             c["saliency_chips"] = gr.HTML("", elem_id="saliency-chips")
-            c["saliency_plot"] = gr.Plot(plots.empty_figure("", height=SALIENCY_HEIGHT), show_label=False,
+            c["saliency_plot"] = Plot(plots.empty_figure("", height=SALIENCY_HEIGHT), show_label=False,
                                          elem_id="saliency-plot")
         return c
 
