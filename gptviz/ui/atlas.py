@@ -1,0 +1,234 @@
+"""The head-role atlas, in the Generate tab: what each attention head of the visitor's model does.
+
+Opening the accordion measures every head once per shared model (:func:`gptviz.heads.cached_head_roles`:
+one forward pass over a probe of random tokens repeated twice) and draws a layers × heads heatmap of
+one role's score (:func:`gptviz.plots_heads.head_roles_figure`; hover shows every role). Clicking a
+cell sends that head to the Generate view: its block and head sliders jump there and its attention
+heatmaps redraw.
+
+gr.Plot has no click event, so :data:`ATLAS_JS` (run once on page load, through
+``demo.launch(js=...)``, see :func:`gptviz.ui.page.launch_kwargs`) bridges it: it listens for
+Plotly's ``plotly_click`` on the atlas plot (re-attached whenever Gradio draws a new plot div) and
+writes ``"layer,head"`` into a hidden textbox (``#atlas-click``, ``visible="hidden"``: in the DOM,
+not shown), then fires a DOM ``input`` event (the textbox's value follows) and a ``keypress`` (from
+which Gradio 6's Textbox sends its ``.input`` event), which runs :meth:`AtlasView.jump`.
+
+:func:`role_note` names a head's strongest role for titles, from roles already measured (it never
+measures them itself).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+
+from .. import heads as _heads
+from .. import plots
+from ..heads import DEFAULT_N_PROBES, ROLES, cached_head_roles, strongest_role
+from ..model import GPTModel
+from ..plots_heads import ROLE_LABELS, head_roles_figure
+from .generate import GenerateView
+from .outputs import components, skip
+from .serving import AppContext, Turns, Visitor, error
+
+__all__ = ["ATLAS_JS", "Atlas", "Jump", "AtlasView", "known_head_roles", "role_note"]
+
+DEFAULT_ROLE = "previous_token"
+THRESHOLD = 0.4  # a score from which a head is said to have that role
+TOP_N = 3  # heads named under the figure
+
+INTRO = (
+    "Each head is measured once on a **probe**: random tokens, then the same tokens again. A score is the "
+    "average attention the head puts where the role says: **previous token** (the token just before), "
+    "**first token** (position 0), **induction** (in the repeat, the token that came *after* this token's "
+    "first occurrence — what to copy next), **duplicate token** (this token's first occurrence) and **self**. "
+    "Pick a role, hover a cell for all five scores, **click a cell** to see that head's attention above."
+)
+SINK_NOTE = (
+    "**Why does every head stare at the first token?** Softmax makes a head's weights sum to 1, so a head with "
+    "nothing useful to read must still put its attention somewhere, and trained GPT-2 parks it on the first "
+    "token, an *attention sink* whose value vector is tiny, so that attention adds almost nothing to the "
+    "output. A high first-token score therefore often means “this head is idle here”, not “the first word "
+    "matters”."
+)
+CLOSED_MESSAGE = "Open this panel to measure every head of your model"
+
+#: Run once on page load (``demo.launch(js=ATLAS_JS)``): clicking an atlas cell writes
+#: "layer,head" into the hidden #atlas-click textbox and fires its input event.
+ATLAS_JS = r"""
+() => {
+  let last = '', lastAt = 0;
+  const send = (layer, head) => {
+    const box = document.querySelector('#atlas-click textarea, #atlas-click input');
+    const text = `${layer},${head}`, now = performance.now();
+    if (!box || (text === last && now - lastAt < 150)) return;  // one click, one request
+    last = text;
+    lastAt = now;
+    box.value = text;
+    box.dispatchEvent(new Event('input', { bubbles: true }));  // the textbox's bound value follows
+    // Gradio 6's Textbox fires its input event from a keypress (after the value updates), not
+    // from the DOM input event: a keypress that is not Enter makes it send the value.
+    box.dispatchEvent(new KeyboardEvent('keypress', { key: '0', bubbles: true }));
+  };
+  const onClick = (event) => {
+    const point = event && event.points && event.points[0];
+    if (!point) return;
+    const cd = point.customdata;  // [layer, head, scores...]
+    const layer = Array.isArray(cd) ? cd[0] : point.y, head = Array.isArray(cd) ? cd[1] : point.x;
+    if (Number.isInteger(layer) && Number.isInteger(head)) send(layer, head);
+  };
+  const hook = () => {
+    for (const plot of document.querySelectorAll('#head-atlas .js-plotly-plot')) {
+      if (typeof plot.on !== 'function') continue;  // Plotly has not drawn it yet
+      // Already listening? Plotly keeps (or, after a new plot on the same div, copies) its
+      // listeners: look for ours there, so a redrawn or re-created plot is hooked exactly once.
+      const ev = plot._ev;
+      if (ev && typeof ev.listeners === 'function' ? ev.listeners('plotly_click').includes(onClick)
+          : plot.dataset.atlasHooked) continue;
+      plot.dataset.atlasHooked = '1';
+      plot.on('plotly_click', onClick);
+    }
+  };
+  let queued = false;  // at most one look per animation frame, however many DOM changes
+  new MutationObserver(() => {
+    if (queued) return;
+    queued = true;
+    requestAnimationFrame(() => { queued = false; hook(); });
+  }).observe(document.body, { childList: true, subtree: true });
+  hook();
+}
+"""
+
+_CLICK = re.compile(r"\s*(\d{1,4})\s*,\s*(\d{1,4})\s*")
+_DEFAULT_KEY = (None, 0, DEFAULT_N_PROBES)  # cached_head_roles(model)'s arguments
+
+
+class Atlas(NamedTuple):
+    """The atlas figure and the line under it naming the role's strongest heads."""
+
+    atlas: go.Figure
+    atlas_top: str
+
+
+class Jump(NamedTuple):
+    """A cell was clicked: the Generate view's sliders and its three attention figures."""
+
+    layer: Any
+    head: Any
+    heatmap: go.Figure
+    heatmap_avg: go.Figure
+    grid: go.Figure
+
+
+def known_head_roles(model: GPTModel) -> pd.DataFrame | None:
+    """The model's role table if :func:`~gptviz.heads.cached_head_roles` (default arguments) has
+    already measured it, else None; never measures. Reads heads' cache, which has no public
+    accessor of its own yet. The table is shared: do not edit it."""
+    with _heads._GUARD:
+        tables = _heads._CACHE.get(model)
+        return None if tables is None else tables.get(_DEFAULT_KEY)
+
+
+def role_note(model: GPTModel, layer: int, head: int, threshold: float = THRESHOLD) -> str | None:
+    """The strongest role of head ``(layer, head)`` and its score, e.g. ``"induction 0.62"``, for a
+    heatmap title; None when the model's roles were not measured yet (this never measures them),
+    when no score reaches ``threshold``, or when the model has no such head."""
+    df = known_head_roles(model)
+    if df is None:
+        return None
+    try:
+        found = strongest_role(df, int(layer), int(head), threshold)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None if found is None else f"{ROLE_LABELS[found[0]]} {found[1]:.2f}"
+
+
+def _check_role(role: Any) -> str:
+    if role not in ROLES:
+        raise error(f"Unknown role {role!r}: choose one of {', '.join(ROLES)}.")
+    return role
+
+
+def _top_line(df: pd.DataFrame, role: str, label: str) -> str:
+    """Markdown naming the role's strongest heads (and what a low score means)."""
+    top = df.nlargest(TOP_N, role)
+    heads = ", ".join(f"block {int(r.layer)} · head {int(r.head)} ({getattr(r, role):.2f})"
+                      for r in top.itertuples())
+    line = f"**Strongest {ROLE_LABELS[role]} heads** of {label}: {heads}."
+    if float(top[role].iloc[0]) < THRESHOLD:
+        line += (f" No head reaches {THRESHOLD}: random weights have no roles yet (their attention is about "
+                 "even); load gpt2 on the Model tab to see the heads training made.")
+    return line
+
+
+class AtlasView:
+    def __init__(self, ctx: AppContext, generate: GenerateView) -> None:
+        self.ctx, self.generate = ctx, generate
+        self.c: dict[str, Any] = {}
+
+    def _model(self, v: Visitor) -> GPTModel:
+        with v.lock:  # the visitor's current model (a model switch holds this lock)
+            return self.ctx.model(v)
+
+    # --------------------------------------------------------------- handlers
+    def head_roles(self, role: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> Atlas:
+        """What every head of your model does, for one role: a layers × heads heatmap of that role's
+        score (0 to 1; hover a cell for all five). Measured once per model (one forward pass over a
+        probe of random tokens repeated twice, a few seconds for the 124M model), then instant."""
+        role = _check_role(role)
+        v = self.ctx.visitor(request)
+        model = self._model(v)
+        df = known_head_roles(model)
+        if df is None:
+            progress(0, desc="Measuring every head on the probe (one forward pass)")
+            try:
+                df = cached_head_roles(model)
+            except ValueError as e:  # e.g. a context too short for the probe
+                raise error(f"Could not measure the heads of {v.spec.label}: {e}") from None
+        return Atlas(head_roles_figure(df, role), _top_line(df, role, v.spec.label))
+
+    def jump(self, text: str, request: gr.Request, step: Any = None) -> Jump:
+        """A cell of the atlas was clicked (``"layer,head"``): move the Generate view's block and head
+        sliders there and redraw its attention heatmaps (of the viewed ``step``; None: the newest).
+        Anything else is ignored."""
+        match = _CLICK.fullmatch(text or "") if isinstance(text, str) else None
+        if match is None:
+            return skip(Jump)
+        layer, head = int(match[1]), int(match[2])
+        v = self.ctx.visitor(request)
+        s = v.session
+        cfg = s.model.cfg if s is not None else self._model(v).cfg
+        if not (layer < cfg.n_layers and head < cfg.n_heads):
+            return skip(Jump)
+        figures = self.generate.attention(layer, head, request, step)  # skipped before the first Step
+        return Jump(gr.Slider(value=layer), gr.Slider(value=head), *figures)
+
+    # --------------------------------------------------------------- layout and wiring
+    def build(self) -> dict[str, Any]:
+        """The accordion (closed: nothing is measured until a visitor opens it)."""
+        c = self.c
+        with gr.Accordion("Head roles: what each head does", open=False, elem_id="atlas-acc") as c["atlas_acc"]:
+            gr.Markdown(INTRO, elem_id="atlas-intro")
+            c["atlas_role"] = gr.Radio([(ROLE_LABELS[r], r) for r in ROLES], value=DEFAULT_ROLE, label="Role",
+                                       elem_id="atlas-role")
+            c["atlas"] = gr.Plot(plots.empty_figure(CLOSED_MESSAGE, height=300), show_label=False,
+                                 elem_id="head-atlas")
+            c["atlas_top"] = gr.Markdown("", elem_id="atlas-top")
+            gr.Markdown(SINK_NOTE, elem_id="atlas-sink")
+            c["atlas_click"] = gr.Textbox("", visible="hidden", elem_id="atlas-click", show_label=False)
+        return c
+
+    def wire(self) -> None:
+        c, ctx, g = self.c, self.ctx, self.generate.c
+        shown = {**ctx.model_event, "show_progress": "full"}  # the first measurement reports progress
+        gr.on([c["atlas_acc"].expand, c["atlas_role"].input], ctx.turns(self.head_roles, Turns.ANALYSIS),
+              [c["atlas_role"]], components(Atlas, c), api_name="head_roles", trigger_mode="always_last",
+              **shown)
+        viewed = [g["view_step"]] if "view_step" in g else []  # the Generate view's step selector
+        c["atlas_click"].input(ctx.turns(self.jump), [c["atlas_click"], *viewed], components(Jump, g),
+                               api_visibility="private", trigger_mode="always_last", **ctx.model_event)
+
