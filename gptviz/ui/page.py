@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from .atlas import ATLAS_JS, AtlasView
 from .generate import GenerateView
 from .inside import InsideView
 from .model import ModelView
@@ -26,13 +27,25 @@ HEADER = ("# gptviz · GPT-2 from the inside\nSee the tokens, step through greed
           "with attention and logit lens, look inside the forward pass (shapes beside the code, head ablation, "
           "precision, KV cache) and count the parameters of any configuration.")
 
+#: Scripts run once on page load, in order (each a ``() => {...}`` function; Gradio takes one ``js``,
+#: :func:`page_js` joins them): the head-role atlas's click bridge.
+PAGE_SCRIPTS = (ATLAS_JS,)
+
+
+def page_js(*scripts: str) -> str:
+    """One page-load function that calls each script's function in turn, each in its own ``try``
+    (one failing leaves the others working)."""
+    calls = "".join(f"  try {{ ({js.strip()})(); }} catch (e) {{ console.error('gptviz page script', e); }}\n"
+                    for js in scripts)
+    return "() => {\n" + calls + "}"
+
 
 def launch_kwargs(ctx: AppContext | None = None) -> dict[str, Any]:
     """Arguments for ``demo.launch``: Gradio 6 takes the theme and CSS there. No run history:
     the browser would store every step's figures and each click would grow slower (~10 → 170 ms
     before the request leaves the page after 40 steps). No share link (a public tunnel) unless
-    the operator asks."""
-    return dict(theme=THEME, css_paths=[STYLE], run_history=False, share=False)
+    the operator asks. ``js``: the page scripts (:data:`PAGE_SCRIPTS`)."""
+    return dict(theme=THEME, css_paths=[STYLE], js=page_js(*PAGE_SCRIPTS), run_history=False, share=False)
 
 
 def build_page(ctx: AppContext) -> gr.Blocks:
@@ -40,6 +53,7 @@ def build_page(ctx: AppContext) -> gr.Blocks:
     tokenizer, generate, inside = TokenizerView(ctx), GenerateView(ctx), InsideView(ctx)
     parameters, model = ParametersView(ctx), ModelView(ctx)
     share = ShareView(ctx, tokenizer, generate, model)
+    atlas = AtlasView(ctx, generate)
     why = WhyPanel(ctx, generate)
     with gr.Blocks(title="gptviz: GPT-2 from the inside", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(HEADER, elem_id="header")
@@ -51,6 +65,7 @@ def build_page(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 share.link_row("generate")
                 generate.build()
+                atlas.build()
                 why.build()
                 share.files_row()
             with gr.Tab("Inside", id="inside", elem_id="tab-inside") as inside_tab:
@@ -64,6 +79,7 @@ def build_page(ctx: AppContext) -> gr.Blocks:
                 model.build()
         tokenizer.wire()
         generate.wire()
+        atlas.wire()  # a click on its heatmap moves the Generate view's block and head
         why.wire()
         parameters.wire()
         # Between views: the Inside view traces the Generate view's text when its tab opens; a
