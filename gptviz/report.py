@@ -24,8 +24,9 @@ from typing import Any, Sequence
 import plotly.graph_objects as go
 
 from . import plots
+from .formatting import percent
 from .generation import GenerationSession, StepRecord
-from .tokenizer import token_piece, show_whitespace
+from .tokenizer import display_text, label, token_piece
 
 __all__ = ["session_report_html", "save_session_report", "DEFAULT_LENS_STEPS", "display_piece"]
 
@@ -35,9 +36,6 @@ DEFAULT_LENS_STEPS = 256
 LENS_CHUNK = 24
 #: Pixel heights of the figures.
 HEATMAP_HEIGHT, TOPK_HEIGHT = 560, 380
-
-#: Control characters as their Unicode "control pictures" (NUL → ␀), after show_whitespace.
-_CONTROL_PICTURES = {c: 0x2400 + c for c in range(0x20)} | {0x7F: 0x2421}
 
 #: No request of any kind leaves the page: scripts and styles are inline, images data: URIs.
 _CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -70,26 +68,17 @@ def display_piece(token_id: int, enc: Any) -> tuple[str, str]:
     the app does, partial UTF-8 as its bytes (``<0xE2 0x80>``), ``<|endoftext|>`` marked special."""
     if not 0 <= token_id < enc.n_vocab:
         return f"<{token_id}>", "special"
-    p = token_piece(token_id, enc)
-    if p.special:
-        return p.text, "special"
-    if p.partial:
-        return p.text, "partial"
-    return show_whitespace(p.text).translate(_CONTROL_PICTURES), ""
+    return display_text(token_piece(token_id, enc))
 
 
 def _esc(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _plot_label(token_id: int, enc: Any, width: int) -> str:
     """A token for plotly text: shortened, then its ``& < >`` written as entities (plotly reads
     a little HTML in labels and shows entities as the characters)."""
-    return html.escape(_short(display_piece(token_id, enc)[0], width), quote=False)
+    return html.escape(label(token_id, enc, width), quote=False)
 
 
 def _chip(token_id: int, position: int, enc: Any, kind: str) -> str:
@@ -97,10 +86,6 @@ def _chip(token_id: int, position: int, enc: Any, kind: str) -> str:
     cls = " ".join(c for c in ("chip", kind, extra) if c)
     return (f'<span class="{cls}" data-id="{token_id}" title="id {token_id}, position {position}">'
             f'<span class="t">{_esc(text)}</span><span class="id">{token_id}</span></span>')
-
-
-def _percent(p: float) -> str:
-    return plots.percent(p)
 
 
 def _steps_table(session: GenerationSession, top_k: int) -> str:
@@ -111,7 +96,7 @@ def _steps_table(session: GenerationSession, top_k: int) -> str:
         chosen, _ = display_piece(r.token_id, enc)
         cands = " ".join(
             f'<span class="cand{" chosen" if c.token_id == r.token_id else ""}">{_esc(display_piece(c.token_id, enc)[0])}'
-            f' <span class="p">({c.token_id}) {_esc(_percent(c.prob))}</span></span>'
+            f' <span class="p">({c.token_id}) {_esc(percent(c.prob))}</span></span>'
             for c in r.candidates[:top_k]
         )
         how = "sampled" if r.sampled else "argmax"
@@ -154,6 +139,40 @@ def _sampling_text(session: GenerationSession) -> str:
     return ", ".join(parts)
 
 
+def _figures(session: GenerationSession, layer: int, head: int, top_k: int, lens_steps: int,
+             attn_window: int | None) -> list[str]:
+    """The report's figures as HTML: attention heatmap, the last step's candidates, the logit lens.
+    plotly.js goes with the first one only."""
+    enc, ids, steps = session.enc, session.ids, session.steps
+    figures: list[str] = []
+    weights, positions = session.attention(layer, attn_window)
+    span = f"tokens {positions[0]}–{positions[-1]}" + (f", read by step {len(steps)}" if steps else ", the prompt")
+    heat = plots.attention_figure(weights[head], [_plot_label(ids[p], enc, 12) for p in positions], positions,
+                                  title=f"Block {layer}, head {head} · {span}", height=HEATMAP_HEIGHT)
+    figures.append(f"<h2>Attention: block {layer}, head {head}</h2>"
+                   + _figure_html(heat, "attention", first=True))
+    if steps:
+        r = steps[-1]
+        top = plots.topk_figure([_plot_label(c.token_id, enc, 16) for c in r.candidates[:top_k]],
+                                [c.prob for c in r.candidates[:top_k]], [c.token_id for c in r.candidates[:top_k]],
+                                chosen=next((k for k, c in enumerate(r.candidates[:top_k])
+                                             if c.token_id == r.token_id), -1),
+                                title=f"Step {len(steps)}: the model's top {min(top_k, len(r.candidates))} "
+                                      "next tokens", height=TOPK_HEIGHT)
+        figures.append("<h2>The last step's candidates</h2>" + _figure_html(top, "topk", first=False))
+    lensed = [r for r in steps if r.lens]
+    if lensed:
+        first = max(0, len(steps) - lens_steps)
+        parts = []
+        for k, a in enumerate(range(first, len(steps), LENS_CHUNK)):
+            chunk = [r for r in steps[a:a + LENS_CHUNK] if r.lens]
+            if chunk:
+                parts.append(_figure_html(_lens_figure(session, chunk, a), "lens" if k == 0 else f"lens-{k}",
+                                          first=False))
+        figures.append("<h2>Logit lens</h2>" + "".join(parts))
+    return figures
+
+
 def session_report_html(session: GenerationSession, *, layer: int, head: int, title: str | None = None,
                         top_k: int = 5, model_label: str | None = None, lens_steps: int = DEFAULT_LENS_STEPS,
                         attn_window: int | None = None) -> str:
@@ -185,33 +204,8 @@ def session_report_html(session: GenerationSession, *, layer: int, head: int, ti
     text = (f'<pre class="text"><span class="prompt">{_esc(session.prompt_text)}</span>'
             f'<b class="generated">{_esc(session.generated_text)}</b></pre>')
 
-    # Figures: plotly.js goes with the first one only.
-    figures: list[str] = []
-    weights, positions = session.attention(layer, attn_window)
-    span = f"tokens {positions[0]}–{positions[-1]}" + (f", read by step {len(steps)}" if steps else ", the prompt")
-    heat = plots.attention_figure(weights[head], [_plot_label(ids[p], enc, 12) for p in positions], positions,
-                                  title=f"Block {layer}, head {head} · {span}", height=HEATMAP_HEIGHT)
-    figures.append(f"<h2>Attention: block {layer}, head {head}</h2>"
-                   + _figure_html(heat, "attention", first=True))
-    if steps:
-        r = steps[-1]
-        top = plots.topk_figure([_plot_label(c.token_id, enc, 16) for c in r.candidates[:top_k]],
-                                [c.prob for c in r.candidates[:top_k]], [c.token_id for c in r.candidates[:top_k]],
-                                chosen=next((k for k, c in enumerate(r.candidates[:top_k])
-                                             if c.token_id == r.token_id), -1),
-                                title=f"Step {len(steps)}: the model's top {min(top_k, len(r.candidates))} "
-                                      "next tokens", height=TOPK_HEIGHT)
-        figures.append("<h2>The last step's candidates</h2>" + _figure_html(top, "topk", first=False))
-    lensed = [r for r in steps if r.lens]
-    if lensed:
-        first = max(0, len(steps) - lens_steps)
-        parts = []
-        for k, a in enumerate(range(first, len(steps), LENS_CHUNK)):
-            chunk = [r for r in steps[a:a + LENS_CHUNK] if r.lens]
-            if chunk:
-                parts.append(_figure_html(_lens_figure(session, chunk, a), "lens" if k == 0 else f"lens-{k}",
-                                          first=False))
-        figures.append("<h2>Logit lens</h2>" + "".join(parts))
+    figures = _figures(session, layer, head, top_k, lens_steps, attn_window)
+    lensed = any(r.lens for r in steps)
     lens_note = "" if lensed or not steps else '<p class="note">The logit lens was off for this session.</p>'
 
     table = _steps_table(session, top_k) if steps else '<p class="note">No steps yet: only the prompt.</p>'
