@@ -9,47 +9,34 @@ the source does.
 
 :class:`GenerationSession` is one visitor's step-through state. Each step records what
 the model weighed (:class:`StepRecord`): the top-k candidates, the logit lens of every
-layer, and the attention rows of the positions read. Attention for display comes from
-two paths:
+layer, and the attention rows of the positions read. How the session reads the model and what
+it keeps (KV cache, attention rows, the memory budget) is in :mod:`gptviz.session_reads`, its
+base class.
 
-* **window** (``attention(layer)``, ``window <= attn_window``): composed from attention
-  rows kept per position (each row holds a query's weights on the ``attn_window`` keys
-  ending at itself, which is all any later window needs). A cached step adds one row
-  per layer; a prefill records rows for the last ``attn_window`` positions only. Free.
-* **recompute** (``window > attn_window``, e.g. :meth:`GenerationSession.full_attention`):
-  one forward pass over the context with a :class:`~gptviz.model.Trace` of that layer.
-
-Memory: the retained state (KV cache + attention rows + records) is kept under
-``max_retained_bytes`` (64 MB by default) after every public action by shrinking the KV
-cache to the longest prefix that fits (whole chunks of 128 positions); the next step
-recomputes the positions past it, with the same tokens. For the 124M model in fp32 that
-happens beyond 768 tokens (896 positions of keys and values take 66 MB), so a lone step at
-1000 tokens recomputes ~232 positions; within one ``step(n)`` the cache is always kept.
-
-Sampling (:func:`sampling_distribution`): temperature 0 is the source's greedy argmax (the
-default); temperature > 0 draws from ``softmax(logits / temperature)`` restricted to the top-k
-logits, then to the top-p nucleus of what is left. The session draws from exactly the
-distribution that function returns, so a chart of it shows what is drawn. The settings can
-change between steps (:meth:`GenerationSession.set_sampling`) and every :class:`StepRecord`
-carries the settings it used, so a recorded session can be replayed token for token.
+Sampling (:func:`~gptviz.sampling.sampling_distribution`, in :mod:`gptviz.sampling`): temperature 0
+is the source's greedy argmax (the default); temperature > 0 draws from the distribution that
+function returns. The settings can change between steps (:meth:`GenerationSession.set_sampling`)
+and every :class:`StepRecord` carries the settings it used, so a recorded session can be
+replayed token for token. Several sessions' steps run as one batched forward with
+:func:`~gptviz.batching.step_together` (:mod:`gptviz.batching`). This module re-exports
+:func:`sampling_distribution` and :func:`step_together`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import tiktoken
 import torch
-import torch.nn.functional as F
 
-from .kv_cache import BatchKVCache, KVCache
+from .batching import lens_top1, step_together
+from .kv_cache import KVCache
 from .model import GPTModel
-from .trace import VALUES, Trace
+from .sampling import _check_sampling, _check_seed, sampling_distribution
+from .session_reads import PREFILL_CHUNK, UNDO_ROWS  # noqa: F401  (gptviz.generation's constants, still here)
+from .session_reads import SessionReads, _deep_size, _require_eval
 from .tokenizer import ENDOFTEXT_ID, encode, token_piece
 
 __all__ = [
@@ -66,11 +53,6 @@ __all__ = [
 
 #: Retained per-session state allowed after an action: the issue's 64 MB (10**6 bytes each, the stricter reading).
 DEFAULT_MAX_RETAINED_BYTES = 64 * 10**6
-#: Attention rows kept beyond the window, so this many undos need no recompute.
-UNDO_ROWS = 16
-#: A prefill runs the context through the model in pieces of this many positions (via the cache):
-#: the temporaries stay small (cache-friendly, few fresh pages) and so does the peak memory.
-PREFILL_CHUNK = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,136 +106,12 @@ class NextDistribution:
     greedy: bool  # temperature 0: the argmax is taken, nothing is drawn
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int | None = None) -> None:
-    """ValueError unless ``temperature`` is a finite number >= 0, ``top_k`` None or an int in
-    1 … vocab_size, ``top_p`` None or a number with 0 < top_p <= 1."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None:
-        upper = f" and vocab_size={vocab_size}" if vocab_size is not None else ""
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1 or (vocab_size and top_k > vocab_size):
-            raise ValueError(f"sample_top_k must be None or an integer between 1{upper}, got {top_k!r}")
-    if top_p is not None:
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be None or a number with 0 < top_p <= 1, got {top_p!r}")
-
-
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The top-p set of ``probs`` ``(..., vocab)``: the n most probable tokens, n the smallest with
-    mass >= top_p; among tokens tied at the boundary the lowest ids go first (the order of a
-    stable descending sort). Looks at the top 256, then 2048 values only, if they hold top_p:
-    a peaked distribution needs no sort of the whole vocabulary."""
-    vocab = probs.shape[-1]
-    for m in (256, 2048, vocab):  # a full sort of GPT-2's vocabulary costs ~20 ms, topk(2048) ~1 ms
-        m = min(m, vocab)
-        vals = (torch.topk(probs, m, dim=-1) if m < vocab else torch.sort(probs, dim=-1, descending=True)).values
-        cum = torch.cumsum(vals, dim=-1)  # (..., m) the mass of the top 1, 2, … tokens
-        if m == vocab or bool((cum[..., -1] >= top_p).all()):
-            break
-    n = ((cum - vals) < top_p).sum(dim=-1, keepdim=True)  # (..., 1): tokens whose predecessors hold < top_p
-    boundary = vals.gather(-1, n - 1)  # (..., 1) the probability of the n-th token
-    above = probs > boundary
-    tied = probs == boundary
-    room = n - above.sum(dim=-1, keepdim=True)  # boundary ties that still fit, taken in id order
-    return above | (tied & (torch.cumsum(tied, dim=-1) <= room))
-
-
-def sampling_distribution(
-    logits: torch.Tensor, temperature: float, top_k: int | None = None, top_p: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distribution a sampler draws from, after temperature and the cut-offs.
-
-    ``logits``: ``(..., vocab)``. Returns ``(probs, kept)``, both ``(..., vocab)``: ``probs``
-    (float64; float32 on devices without float64) sums to 1 over the vocabulary and is exactly 0
-    outside ``kept`` (bool), the tokens that may be drawn. The order, per row:
-
-    * ``temperature == 0``: greedy, the source's ``argmax(softmax(logits))`` (the first of equal
-      maxima): ``kept`` is that one token, ``probs`` is 1 there. ``top_k``/``top_p`` are ignored.
-    * **top-k** (``top_k``): keep the logits ``>=`` the k-th largest (the source's chapter-5 rule:
-      ties with the k-th are kept, so more than k may survive ties).
-    * **temperature**: ``softmax(logits / temperature)`` over what is kept.
-    * **top-p** (``top_p``, on that renormalised distribution): keep the smallest set of the most
-      probable tokens whose probabilities sum to ``>= top_p``: a token is kept when the tokens
-      ranked above it hold less than ``top_p`` (so the top-1 always is); equal probabilities
-      rank by token id. ``top_p = 1`` or None keeps everything; the result is renormalised.
-
-    Temperature does not change which tokens top-k keeps, but it does change the nucleus.
-    Computed in float64, so the cumulative sums of 50,257 probabilities are exact to ~1e-13.
-    """
-    _check_sampling(temperature, top_k, top_p)
-    if logits.shape[-1] == 0:
-        raise ValueError("logits must have at least one entry on the last dimension")
-    dtype = torch.float32 if logits.device.type == "mps" else torch.float64
-    x = logits.to(dtype)  # (..., vocab)
-    if temperature == 0:
-        greedy = torch.softmax(logits.float(), dim=-1).argmax(dim=-1, keepdim=True)  # (..., 1)
-        kept = torch.zeros(x.shape, dtype=torch.bool, device=x.device).scatter_(-1, greedy, True)
-        return kept.to(dtype), kept
-    kept = torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    if top_k is not None and top_k < x.shape[-1]:
-        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]  # (..., 1)
-        kept = x >= kth
-    # Subtract the max before dividing, so a tiny temperature gives -inf (prob 0), never inf - inf.
-    scaled = ((x - x.max(dim=-1, keepdim=True).values) / temperature).masked_fill(~kept, -torch.inf)
-    probs = torch.softmax(scaled, dim=-1)  # (..., vocab)
-    if top_p is not None and top_p < 1:
-        kept = kept & _nucleus(probs, top_p)
-        probs = probs.masked_fill(~kept, 0.0)
-        probs = probs / probs.sum(dim=-1, keepdim=True)
-    return probs, kept
-
-
 #: "Leave this setting as it is" in :meth:`GenerationSession.set_sampling` (None means "off").
 _KEEP = object()
 
 
-def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
 
-
-def _require_eval(model: GPTModel) -> None:
-    if model.training:
-        raise ValueError(
-            "the model is in training mode (dropout on): call model.eval() once after building it; "
-            "generation never switches a shared model's mode"
-        )
-
-
-def _band(attn: torch.Tensor, width: int) -> torch.Tensor:
-    """Causal attention of the last Q queries ``(..., Q, K)`` → ``(..., Q, width)``: row i holds
-    query i's weights on the ``width`` keys ending at itself (zeros before the first key)."""
-    q, k = attn.shape[-2:]
-    span = q + width - 1  # keys any of the Q rows needs
-    x = attn[..., max(0, k - span) :]
-    x = F.pad(x, (span - x.shape[-1], 0))  # (..., Q, span)
-    idx = torch.arange(q, device=attn.device)[:, None] + torch.arange(width, device=attn.device)  # (Q, width)
-    return x.gather(-1, idx.expand(*x.shape[:-1], width))
-
-
-def _unband(rows: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_band` for the square block of the last w positions:
-    ``(..., w, width)`` → ``(..., w, w)`` causal (zeros above the diagonal)."""
-    w, width = rows.shape[-2:]
-    i = torch.arange(w, device=rows.device)
-    col = (width - 1) - i[:, None] + i[None, :]  # key j of query i sits at column width-1-(i-j)
-    square = rows.gather(-1, col.clamp(max=width - 1).expand(*rows.shape[:-1], w))
-    return square.masked_fill(col > width - 1, 0.0)
-
-
-def _deep_size(obj: object) -> int:
-    """Approximate bytes of a record (dataclasses, lists, str, numbers)."""
-    size = sys.getsizeof(obj)
-    if dataclasses.is_dataclass(obj):
-        size += sum(_deep_size(getattr(obj, f.name)) for f in dataclasses.fields(obj))
-    elif isinstance(obj, list):
-        size += sum(_deep_size(v) for v in obj)
-    return size
-
-
-class GenerationSession:
+class GenerationSession(SessionReads):
     """One visitor's generation state (no global mutable state).
 
     ``GenerationSession(model, enc, prompt)`` with ``prompt`` a str (encoded with
@@ -346,36 +204,6 @@ class GenerationSession:
         return self.stop_at_eos and bool(self.steps) and self._ids[-1] == ENDOFTEXT_ID
 
     @property
-    def context_span(self) -> tuple[int, int]:
-        """Positions ``[start, end)`` of the tokens the latest prediction read: after a step,
-        the input of that step (the newest token is not read yet); at the prompt, the prompt
-        (what the first step reads). ``attention()`` is over this span."""
-        end = len(self._ids) - 1 if self.steps else len(self._ids)
-        return max(0, end - self.model.cfg.context_length), end
-
-    @property
-    def cache(self) -> KVCache | None:
-        """The KV cache (None until the first step, or after the context overflowed); read-only use."""
-        return self._cache
-
-    @property
-    def cache_tokens(self) -> int:
-        return self._cache.length if self._cache is not None else 0
-
-    @property
-    def cache_bytes(self) -> int:
-        return self._cache.nbytes if self._cache is not None else 0
-
-    @property
-    def retained_bytes(self) -> int:
-        """Bytes this session holds beyond the shared model: KV cache, attention rows, records, ids."""
-        rows = self._rows.numel() * self._rows.element_size() if self._rows is not None else 0
-        pending = 0
-        if self._pending is not None:  # the next step's logits (vocab,) and lens residuals, kept by next_distribution
-            pending = sum(t.numel() * t.element_size() for t in self._pending[1:3] if t is not None)
-        return self.cache_bytes + rows + pending + self._records_bytes + _deep_size(self._ids)
-
-    @property
     def sampling(self) -> dict[str, object]:
         """The current sampling settings, as keywords of :meth:`set_sampling`."""
         return dict(temperature=self.temperature, sample_top_k=self.sample_top_k, top_p=self.top_p, seed=self.seed)
@@ -438,68 +266,6 @@ class GenerationSession:
         del self._ids[len(self.prompt_ids) :]
         self._truncate()
 
-    # --- observation
-    def attention(self, layer: int, window: int | None = None) -> tuple[torch.Tensor, list[int]]:
-        """Attention weights of `layer` over the last `window` tokens (default attn_window) of
-        the current sequence: ``(n_heads, W, W)`` (row = query, column = key, causal) and the
-        absolute positions of those W tokens.
-
-        The sequence is :attr:`context_span` (what the latest prediction read). Windows up to
-        ``attn_window`` come from the kept rows (re-read only if undo went past them);
-        larger ones are recomputed with one forward pass. Returned as float32 on the CPU.
-        """
-        n_layers = self.model.cfg.n_layers
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer must be between 0 and {n_layers - 1}, got {layer}")
-        window = self.attn_window if window is None else window
-        if window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
-        start, end = self.context_span
-        w = min(window, end - start)
-        if w > self.attn_window:  # recompute path
-            _require_eval(self.model)
-            trace = Trace(("attn_weights",), layers=[layer], last_rows=w)
-            with torch.no_grad():
-                self.model(self._tensor(start, end), trace=trace, last_only=True)
-            square = trace.attentions[0][0, :, :, -w:]  # (n_heads, w, w)
-        else:  # window path
-            if not (self._rows is not None and self._rows_c0 == start and self._lo <= end - w and self._hi >= end):
-                self._read(end)  # undo went past the kept rows, or nothing was read yet
-            slots = torch.arange(end - w, end, device=self._rows.device) % self._rows.shape[2]
-            square = _unband(self._rows[layer][:, slots])  # (n_heads, w, w)
-            self._enforce_budget()
-        return square.float().cpu().contiguous(), list(range(end - w, end))
-
-    def read_by(self, k: int) -> tuple[int, int]:
-        """Positions ``[start, end)`` of the tokens step ``k`` (1-based) read: the context it
-        predicted from (cropped to the last ``context_length`` as the step was)."""
-        if not 1 <= k <= len(self.steps):
-            raise ValueError(f"step must be between 1 and {len(self.steps)}, got {k}")
-        end = self.steps[k - 1].position
-        return max(0, end - self.model.cfg.context_length), end
-
-    def attention_at(self, k: int, layer: int, window: int | None = None) -> tuple[torch.Tensor, list[int]]:
-        """:meth:`attention` as step ``k`` saw it (any past step): the latest step reads the kept
-        rows; an earlier one is recomputed with one forward over the tokens it read."""
-        if k == len(self.steps):
-            return self.attention(layer, window)
-        n_layers = self.model.cfg.n_layers
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer must be between 0 and {n_layers - 1}, got {layer}")
-        start, end = self.read_by(k)
-        w = min(self.attn_window if window is None else window, end - start)
-        _require_eval(self.model)
-        trace = Trace(("attn_weights",), layers=[layer], last_rows=w)
-        with torch.inference_mode():
-            self.model(self._tensor(start, end), trace=trace, last_only=True)
-        square = trace.attentions[0][0, :, :, -w:]  # (n_heads, w, w)
-        return square.float().cpu().contiguous(), list(range(end - w, end))
-
-    def full_attention(self, layer: int) -> tuple[torch.Tensor, list[int]]:
-        """The whole causal T×T attention of `layer` over :attr:`context_span` (recomputed)."""
-        start, end = self.context_span
-        return self.attention(layer, window=end - start)
-
     # --- internals
     def _decode(self, ids: list[int]) -> str:
         n_vocab = self.enc.n_vocab
@@ -508,88 +274,6 @@ class GenerationSession:
 
     def _piece(self, token_id: int) -> str:
         return token_piece(token_id, self.enc).text if token_id < self.enc.n_vocab else f"<{token_id}>"
-
-    def _tensor(self, start: int, end: int) -> torch.Tensor:
-        return torch.tensor([self._ids[start:end]], device=self.model.device)  # (1, T)
-
-    def _truncate(self) -> None:
-        """Forget cached keys/values and attention rows of positions no longer in the ids."""
-        n = len(self._ids)
-        self._pending = None
-        if self._cache is not None:
-            self._cache.truncate(n)
-        self._hi = min(self._hi, n)
-        self._lo = min(self._lo, self._hi)
-        self._enforce_budget()
-
-    def _enforce_budget(self) -> None:
-        """While over ``max_retained_bytes``: shrink the KV cache to the longest prefix (whole
-        chunks) that fits, so the next step recomputes only the positions past it; then drop the
-        attention rows."""
-        if self.max_retained_bytes is None or self.retained_bytes <= self.max_retained_bytes:
-            return
-        cache = self._cache
-        if cache is not None and cache.length:
-            first = cache.layers[0]
-            per_position = cache.nbytes // first.k.shape[2]  # keys + values of one position, all layers
-            fits = (self.max_retained_bytes - (self.retained_bytes - cache.nbytes)) // per_position
-            keep = min(cache.length, fits // first.chunk * first.chunk)
-            self._cache = KVCache.for_model(self.model, first.chunk) if keep > 0 else None
-            with torch.inference_mode():
-                for old, new in zip(cache.layers, self._cache.layers if keep > 0 else []):
-                    new.update(old.k[:, :, :keep], old.v[:, :, :keep])
-        if self.retained_bytes > self.max_retained_bytes:
-            self._rows, self._lo, self._hi = None, 0, 0
-
-    def _read(self, end: int) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-        """Run the model over the context ending before position ``end`` (the last
-        ``context_length`` tokens), reusing the KV cache where it is valid and recording the
-        attention rows of the last ``attn_window`` positions that are not kept yet.
-
-        Returns the last position's logits ``(vocab,)``, the residual stream at the last
-        position after every block but the last ``(n_layers - 1, emb)`` (None if the lens is
-        off) and the number of positions computed.
-        """
-        model, width = self.model, self.attn_window
-        _require_eval(model)
-        cfg = model.cfg
-        c0 = max(0, end - cfg.context_length)  # the source crops to the last context_length tokens
-        r0 = max(c0, end - width)  # first position whose attention row is displayed
-        rows_ok = self._rows is not None and self._rows_c0 == c0 and self._lo <= r0 <= self._hi
-        a = min(max(self._hi, r0) if rows_ok else r0, end - 1)  # first position to trace (at least the last)
-        # Cropping shifts every position, so a cache is only ever kept for an uncropped context.
-        cache = self._cache if (self._cache is not None and c0 == 0) else KVCache.for_model(model)
-        s = min(c0 + cache.length, a)  # first position to compute
-        cache.truncate(s - c0)
-        trace = Trace(("attn_weights", "residual") if self.logit_lens else ("attn_weights",))
-        with torch.inference_mode():
-            for i in range(s, a, PREFILL_CHUNK):  # positions whose rows are not displayed: no trace
-                model(self._tensor(i, min(i + PREFILL_CHUNK, a)), cache, last_only=True)
-            logits = model(self._tensor(a, end), cache, trace=trace, last_only=True)[0, -1]  # (vocab,)
-            residuals = self._absorb(end, a, c0, cache, trace.attentions, trace.residuals)
-        return logits, residuals, end - s
-
-    def _absorb(self, end: int, a: int, c0: int, cache: KVCache, attentions: list[torch.Tensor],
-                residuals: list[torch.Tensor]) -> torch.Tensor | None:
-        """Keep what a read of positions ``[a, end)`` recorded (one batch row each): the attention
-        rows to display, the cache; returns the lens residuals ``(n_layers - 1, emb)`` or None."""
-        cfg, width = self.model.cfg, self.attn_window
-        span = end - a + width - 1  # keys the new rows need
-        attn = torch.stack([att[0, ..., -span:] for att in attentions])  # (L, n_heads, end - a, <= span)
-        rows = _band(attn, width)  # (L, n_heads, end - a, width)
-        if self._rows is None:
-            shape = (cfg.n_layers, cfg.n_heads, width + UNDO_ROWS, width)
-            self._rows = torch.zeros(shape, dtype=rows.dtype, device=rows.device)
-        capacity = self._rows.shape[2]
-        keep = min(end - a, capacity)
-        slots = torch.arange(end - keep, end, device=rows.device) % capacity
-        self._rows[:, :, slots] = rows[:, :, -keep:]
-        lens = torch.stack([r[0, -1] for r in residuals])[:-1] if self.logit_lens else None  # (L - 1, emb)
-        # Rows kept before `a` stay valid if they were computed in the same context and join up.
-        lo = self._lo if (self._rows_c0 == c0 and self._lo <= a <= self._hi) else a
-        self._lo, self._hi, self._rows_c0 = max(lo, end - capacity), end, c0
-        self._cache = cache if c0 == 0 else None
-        return lens
 
     @property
     def batchable(self) -> bool:
@@ -696,33 +380,6 @@ class GenerationSession:
         self._enforce_budget()
         return NextDistribution(end, candidates, int(kept.sum()), mass, self.temperature == 0)
 
-    def values(self, layer: int, window: int | None = None) -> tuple[torch.Tensor, list[int]]:
-        """Value vectors of `layer` for the positions of :meth:`attention` (same ``window``):
-        ``(n_heads, W, head_dim)`` float32 on the CPU, and the W absolute positions.
-
-        Cost: read from the KV cache when it holds those positions (the usual case while the
-        context fits: free); otherwise one forward pass over :attr:`context_span` recording only
-        that layer's values (``Trace(VALUES)``), the cost of a prefill of the context.
-        """
-        n_layers = self.model.cfg.n_layers
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer must be between 0 and {n_layers - 1}, got {layer}")
-        window = self.attn_window if window is None else window
-        if window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
-        start, end = self.context_span
-        w = min(window, end - start)
-        cache = self._cache
-        if cache is not None and start == 0 and cache.length >= end:  # the cache is for the context from 0
-            v = cache.layers[layer].v[0, :, end - w : end]  # (n_heads, w, head_dim)
-        else:
-            _require_eval(self.model)
-            trace = Trace((VALUES,), layers=[layer], last_rows=w)
-            with torch.inference_mode():
-                self.model(self._tensor(start, end), trace=trace, last_only=True)
-            v = trace.get(VALUES)[0][0]  # (n_heads, w, head_dim)
-        return v.float().cpu().contiguous(), list(range(end - w, end))
-
     def _lens_top1(self, residuals: torch.Tensor | tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
         """Top-1 id and probability of the logit lens ``out_head(final_norm(x))`` for each row of
         ``(n, emb)`` (or the answer itself, when :func:`step_together` computed it for a batch)."""
@@ -758,56 +415,3 @@ def generate_greedy(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, con
             idx_next = torch.argmax(probas, dim=-1, keepdim=True)  # (batch, 1)
             idx = torch.cat((idx, idx_next), dim=1)  # (batch, n_tokens + 1)
     return idx
-
-
-# --------------------------------------------------------------------------- batched steps
-
-
-def lens_top1(model: GPTModel, residuals: torch.Tensor) -> tuple[list[int], list[float]]:
-    """Top-1 id and probability of the logit lens ``out_head(final_norm(x))`` for each row of
-    ``(n, emb)``: one product with the output head for all rows (the head is the largest matrix
-    of the model; reading it once for every block, and every visitor of a batch, is the point)."""
-    with torch.inference_mode():
-        normed = model.final_norm(residuals)  # (n, emb)
-        logits = model.out_head(normed).float()  # (n, vocab), in the head's fastest layout
-        top = logits.max(dim=-1)
-        probs = torch.exp(top.values - torch.logsumexp(logits, dim=-1))  # softmax at the top-1
-    return top.indices.tolist(), probs.tolist()
-
-
-def step_together(sessions: list[GenerationSession]) -> list[StepRecord]:
-    """One step of each session, their model reads batched into one forward (NEW: serving many
-    visitors; the weights are read once for all of them instead of once each).
-
-    Every session must be :attr:`~GenerationSession.batchable` and share one model. Each gets
-    the record its own ``step()`` would give: the same token choice, logits equal to float32
-    tolerance (one batched matrix product instead of one per visitor), its own attention rows,
-    lens and cache.
-    """
-    if not sessions:
-        return []
-    model = sessions[0].model
-    if any(s.model is not model or not s.batchable for s in sessions):
-        raise ValueError("step_together needs batchable sessions of one model")
-    _require_eval(model)
-    ends = [len(s._ids) for s in sessions]
-    ids = torch.tensor([[s._ids[e - 1]] for s, e in zip(sessions, ends)], device=model.device)  # (b, 1)
-    positions = torch.tensor([[e - 1] for e in ends], device=model.device)  # (b, 1)
-    lens = any(s.logit_lens for s in sessions)
-    trace = Trace(("attn_weights", "residual") if lens else ("attn_weights",))
-    cache = BatchKVCache([s._cache for s in sessions])
-    with torch.inference_mode():
-        logits = model(ids, cache, trace=trace, last_only=True, positions=positions)[:, -1]  # (b, vocab)
-        kept = []
-        for i, (s, end) in enumerate(zip(sessions, ends)):
-            attentions = [att[i : i + 1, ..., :end] for att in trace.attentions]  # (1, n_heads, 1, end): its own keys
-            kept.append(s._absorb(end, end - 1, 0, s._cache, attentions, [r[i : i + 1] for r in trace.residuals]))
-        rows = [r for r in kept if r is not None]
-        if rows:  # every visitor's lens in one product with the head
-            ids_all, probs_all = lens_top1(model, torch.cat(rows))
-            n = rows[0].shape[0]
-            answers = iter((ids_all[j : j + n], probs_all[j : j + n]) for j in range(0, len(ids_all), n))
-            kept = [next(answers) if r is not None else None for r in kept]
-    for i, (s, end) in enumerate(zip(sessions, ends)):
-        s._pending = (end, logits[i], kept[i], 1)
-    return [s.step(1)[0] for s in sessions]
