@@ -17,6 +17,25 @@ at contexts 16, 128, 512 and 1000, side by side in one run:
 
 Also: peak RSS, the session's retained bytes, bf16 decode, and ``param_breakdown`` for
 GPT-3 175B. Timings on a shared machine are noisy; the ratios come from the same run.
+
+**Decode kernels** (always; contexts 16 and 512): one row per contender, measured round by
+round in turns (so load on a shared machine hits them alike), p50 ms per token and the ratio
+to transformers' float32 decode of the same rounds:
+
+* gptviz session step (attention recorded, top-10) in float32, float16 and bfloat16;
+* the same step in float32 with the **plain layout** (every weight a contiguous (out, in)
+  ``nn.Linear`` matrix of its own, so the three projections run unfused): the speed-up of
+  :meth:`~gptviz.model.GPTModel.optimize_layout_` as a same-run ratio;
+* :func:`~gptviz.generation.generate_greedy` in float32 (ms between consecutive forward
+  calls);
+* transformers' ``generate`` in float32 (ms between consecutive logits-processor calls), the
+  reference of every ratio.
+
+transformers runs in one persistent child process that answers the parent's requests
+(its own allocator, its own model), so its rounds interleave with gptviz's.
+``--lens`` adds the logit lens product (n_layers − 1 residual rows against the head) in
+each layout and dtype; ``--layouts`` the memory bandwidth of a one-row product per weight
+shape, layout and dtype (what :meth:`~gptviz.model.GPTModel.optimize_layout_` is based on).
 """
 
 from __future__ import annotations
@@ -36,7 +55,7 @@ from typing import Any, Callable
 import torch
 
 from .config import PRESETS, GPTConfig
-from .generation import GenerationSession
+from .generation import GenerationSession, generate_greedy
 from .model import GPTModel
 from .tokenizer import get_encoding
 
@@ -47,6 +66,16 @@ CONTENDERS = (("step", False), ("step_lens", True))  # session variants: without
 def build_model(dtype: torch.dtype = torch.float32) -> GPTModel:
     torch.manual_seed(123)
     return GPTModel(PRESETS["gpt2"]).to(dtype).eval()
+
+
+def plain_layout(model: GPTModel) -> GPTModel:
+    """A copy of ``model`` with every weight contiguous in a buffer of its own: ``nn.Linear``'s
+    (out, in) layout, the three attention projections unfused (the book's model as built)."""
+    plain = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.data = p.detach().clone(memory_format=torch.contiguous_format)
+    return plain
 
 
 def random_prompt(n: int, seed: int = 0) -> list[int]:
@@ -192,6 +221,165 @@ def session_memory(ctx: int, steps: int) -> dict[str, float]:
     return {"model_rss_mib": base, "peak_rss_mib": _status_mib("VmHWM"), "retained_mb": session.retained_bytes / 1e6}
 
 
+# --------------------------------------------------------------------------- decode kernels, same run
+
+KERNEL_CONTEXTS = (16, 512)
+_HF: dict[str, Any] = {}  # the child's transformers model, built once
+
+
+def hf_decode_round(ctx: int, steps: int) -> list[float]:
+    """(child side) One round of transformers' float32 decode at ``ctx``: ms per token."""
+    if "model" not in _HF:
+        _HF["model"] = hf_model()
+    return hf_decode_ms(_HF["model"], random_prompt(ctx, seed=ctx), steps)
+
+
+def serve() -> None:
+    """(child side) Evaluate one expression per stdin line (this module is ``b``); answer one JSON line each."""
+    env = {"b": sys.modules[__name__]}
+    for line in sys.stdin:
+        print(json.dumps(eval(line, env)), flush=True)  # noqa: S307 - the parent's own expressions
+
+
+class Child:
+    """A persistent Python process running :func:`serve`: ask it expressions, get JSON values."""
+
+    def __init__(self) -> None:
+        code = (
+            f"import torch; from gptviz import benchmark as b; torch.set_num_threads({torch.get_num_threads()}); "
+            "b.serve()"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+
+    def ask(self, expr: str) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(expr + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the transformers child process ended (exit code {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def greedy_decode_ms(model: GPTModel, prompt: list[int], steps: int) -> list[float]:
+    """ms per decoded token of ``generate_greedy``: gaps between consecutive forward calls
+    (one cached forward + the greedy loop's own work each; the first call is the prefill)."""
+    stamps: list[float] = []
+    handle = model.register_forward_pre_hook(lambda module, args: stamps.append(time.perf_counter()))
+    try:
+        generate_greedy(model, torch.tensor([prompt]), steps + 2, model.cfg.context_length)
+    finally:
+        handle.remove()
+    return [(b - a) * 1e3 for a, b in zip(stamps[1:], stamps[2:])]  # the gaps after the prefill: steps of them
+
+
+#: Rows of the kernel table: (key, label). "hf" is transformers' float32 decode, the reference.
+KERNEL_ROWS = (
+    ("float32", "gptviz step, float32"),
+    ("float16", "gptviz step, float16"),
+    ("bfloat16", "gptviz step, bfloat16"),
+    ("plain", "gptviz step, float32, plain layout"),
+    ("greedy", "gptviz generate_greedy, float32"),
+    ("hf", "transformers generate, float32"),
+)
+
+
+def decode_kernels(model: GPTModel, child: Child | None, steps: int, rounds: int) -> dict[int, dict[str, Any]]:
+    """Every contender of :data:`KERNEL_ROWS` at each of :data:`KERNEL_CONTEXTS`, in turns round
+    by round: p50 ms per token, and the spread of the per-round ratios to transformers."""
+    enc = get_encoding()
+    models = {
+        "float32": model,
+        "float16": copy.deepcopy(model).to(torch.float16),
+        "bfloat16": copy.deepcopy(model).to(torch.bfloat16),
+        "plain": plain_layout(model),
+    }
+    out: dict[int, dict[str, Any]] = {}
+    for ctx in KERNEL_CONTEXTS:
+        prompt = random_prompt(ctx, seed=ctx)
+        sessions = {k: GenerationSession(m, enc, prompt, logit_lens=False) for k, m in models.items()}
+        for session in sessions.values():
+            session.step()  # prefill
+        samples: dict[str, list[float]] = {key: [] for key, _ in KERNEL_ROWS}
+        per_round: dict[str, list[float]] = {key: [] for key, _ in KERNEL_ROWS}
+        for _ in range(rounds):
+            got: dict[str, list[float]] = {}
+            for key, session in sessions.items():
+                records = session.step(steps)
+                got[key] = [r.ms for r in records if r.positions_computed == 1]
+                for _ in records:
+                    session.undo()
+            got["greedy"] = greedy_decode_ms(model, prompt, steps)
+            if child is not None:
+                got["hf"] = child.ask(f"b.hf_decode_round({ctx}, {steps})")
+            for key, values in got.items():
+                samples[key] += values
+                per_round[key].append(statistics.median(values))
+        row: dict[str, Any] = {key: statistics.median(v) for key, v in samples.items() if v}
+        row |= {f"{key}_min": min(v) for key, v in samples.items() if v}
+        if child is not None:
+            for key in list(row):
+                ratios = [a / b for a, b in zip(per_round[key], per_round["hf"])]
+                row[f"{key}_ratio_range"] = (min(ratios), max(ratios))
+        out[ctx] = row
+    del models
+    return out
+
+
+def lens_products(repeat: int = 15) -> dict[str, float]:
+    """The logit lens's product: 11 residual rows (n_layers − 1) against gpt2's 50257 × 768 head,
+    median ms, as generation.py writes it and as F.linear, in the plain and the fast layouts
+    and in float16."""
+    torch.manual_seed(0)
+    head = torch.randn(50257, 768) * 0.02  # (vocab, emb), nn.Linear's layout
+    rows = torch.randn(11, 768)
+    fast = head.t().contiguous().t()  # storage (emb, vocab): what optimize_layout_ gives in float32
+    half, rows16 = head.half(), rows.half()
+    cases = {
+        "(W @ x.T).T, W (out, in) [generation.py now]": lambda: (head @ rows.T).T.contiguous(),
+        "F.linear(x, W), W (out, in)": lambda: torch.nn.functional.linear(rows, head),
+        "(W @ x.T).T, W (in, out) storage": lambda: (fast @ rows.T).T.contiguous(),
+        "F.linear(x, W), W (in, out) storage": lambda: torch.nn.functional.linear(rows, fast),
+        "F.linear(x16, W16), float16 copy (out, in)": lambda: torch.nn.functional.linear(rows16, half).float(),
+        "(W16 @ x16.T).T, float16 copy (out, in)": lambda: (half @ rows16.T).T.float(),
+    }
+    return {name: ms(f, repeat) for name, f in cases.items()}
+
+
+def layout_bandwidth(repeat: int = 5) -> list[dict[str, Any]]:
+    """GB/s that a one-row product ``F.linear(x, W, b)`` reads its weight at, per gpt2 weight
+    shape, dtype and storage layout; each over enough distinct matrices (>= 200 MB) that they
+    stream from memory, not from the cache."""
+    shapes = {"W_query|W_key|W_value": (768, 2304), "out_proj": (768, 768), "ff.layers.0": (768, 3072),
+              "ff.layers.2": (3072, 768), "out_head": (768, 50257)}  # fmt: skip
+    table = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for name, (d_in, d_out) in shapes.items():
+            n = max(2, int(200e6 // (d_in * d_out * dtype.itemsize)))
+            x, bias = torch.randn(1, 1, d_in, dtype=dtype), torch.randn(d_out, dtype=dtype)
+            row: dict[str, Any] = {"weight": name, "shape (out, in)": (d_out, d_in), "dtype": str(dtype)[6:]}
+            for layout in ("(out, in)", "(in, out)"):
+                ws = [torch.randn(d_out, d_in, dtype=dtype) for _ in range(n)]
+                if layout == "(in, out)":
+                    ws = [w.t().contiguous().t() for w in ws]
+                for w in ws:
+                    torch.nn.functional.linear(x, w, bias)  # warm-up
+                t = ms(lambda: [torch.nn.functional.linear(x, w, bias) for w in ws], repeat) / 1e3
+                row[layout] = n * d_in * d_out * dtype.itemsize / t / 1e9
+                del ws
+            table.append(row)
+    return table
+
+
 def params_ms() -> float | None:
     """``param_breakdown`` for GPT-3 175B (median ms), or None if gptviz.params is missing."""
     try:
@@ -203,13 +391,25 @@ def params_ms() -> float | None:
     return ms(lambda: param_breakdown(cfg), repeat=20)
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, lens: bool = False, layouts: bool = False, kernels_only: bool = False) -> dict[str, Any]:
     torch.set_num_threads(os.cpu_count() or 1)
     contexts, steps, rounds = ((16, 512), 6, 2) if quick else (CONTEXTS, 10, 3)
     result: dict[str, Any] = {"threads": torch.get_num_threads(), "dtype": "float32", "contexts": {}}
     model = build_model()
     hf = importlib.util.find_spec("transformers") is not None
     result["transformers"] = "GPT2LMHeadModel, sdpa attention, random init, own process" if hf else None
+    child = Child() if hf else None
+    try:
+        result["kernels"] = decode_kernels(model, child, steps=8, rounds=5 if quick else 9)
+    finally:
+        if child is not None:
+            child.close()
+    if lens:
+        result["lens_products_ms"] = lens_products()
+    if layouts:
+        result["layout_gb_s"] = layout_bandwidth()
+    if kernels_only:
+        return result
     for ctx in contexts:
         uncached_steps = 1 if quick else (4 if ctx <= 128 else 2)
         row = session_context(model, ctx, steps, rounds, uncached_steps)
@@ -230,6 +430,48 @@ def run(quick: bool = False) -> dict[str, Any]:
     return result
 
 
+def report_kernels(result: dict[str, Any]) -> list[str]:
+    kernels = result["kernels"]
+    hf = result["transformers"] is not None
+    lines = [
+        "decode kernels, same run, in turns round by round (gpt2 shape: emb 768, 12 layers, tied head, qkv bias):",
+        f"{'':<38} " + " | ".join(f"{f'ctx {c}: p50 ms':>14} {'/ HF':>6} {'(rounds)':>13} {'min ms':>7} {'/ HF':>6}" for c in kernels),
+    ]
+    for key, label in KERNEL_ROWS:
+        cells = []
+        for row in kernels.values():
+            if key not in row:
+                cells.append(f"{'-':>14} {'-':>6} {'':>13} {'-':>7} {'-':>6}")
+                continue
+            ratio = f"{row[key] / row['hf']:5.2f}x" if hf else f"{'-':>6}"
+            lo, hi = row.get(f"{key}_ratio_range", (None, None))
+            spread = f"({lo:.2f}-{hi:.2f})" if lo is not None else ""
+            low = row.get(f"{key}_min")
+            low_ratio = f"{low / row['hf_min']:5.2f}x" if hf and low is not None else f"{'-':>6}"
+            cells.append(f"{row[key]:14.1f} {ratio:>6} {spread:>13} " + (f"{low:7.1f} {low_ratio:>6}" if low else f"{'-':>7} {'-':>6}"))
+        lines.append(f"{label:<38} " + " | ".join(cells))
+    for ctx, row in kernels.items():
+        lines.append(
+            f"  ctx {ctx:>4}: fast layout / plain layout (float32 step) {row['float32'] / row['plain']:.2f}; "
+            f"float16 / float32 {row['float16'] / row['float32']:.2f}; bfloat16 / float32 {row['bfloat16'] / row['float32']:.2f}"
+        )
+    lines.append(
+        "  (rounds) = lowest-highest ratio of the per-round medians: the noise of this run; min = the fastest token "
+        "(what each runs at when nothing else wants the cores). generate_greedy and transformers generate: ms between "
+        "consecutive forward / logits-processor calls."
+    )
+    if "lens_products_ms" in result:
+        lines += ["", "logit lens product, 11 rows x gpt2 head (50257 x 768), median ms:"]
+        lines += [f"  {name:<46} {v:7.2f}" for name, v in result["lens_products_ms"].items()]
+    if "layout_gb_s" in result:
+        lines += ["", "one-row product F.linear(x, W, b): GB/s read, by storage layout", f"  {'weight':<22} {'(out, in)':>10} {'dtype':>9} {'(out, in)':>10} {'(in, out)':>10}"]
+        lines += [
+            f"  {r['weight']:<22} {str(r['shape (out, in)']):>10} {r['dtype']:>9} {r['(out, in)']:10.1f} {r['(in, out)']:10.1f}"
+            for r in result["layout_gb_s"]
+        ]
+    return lines
+
+
 def report(result: dict[str, Any]) -> str:
     ctxs = result["contexts"]
     hf = result["transformers"] is not None
@@ -238,6 +480,8 @@ def report(result: dict[str, Any]) -> str:
         f"{result['threads']} threads",
         f"transformers: {result['transformers'] or 'not installed'}",
         "step = GenerationSession step with attention recording and top-10; +lens adds the logit lens",
+        "",
+        *report_kernels(result),
         "",
         f"{'context':>7} | {'decode ms/token':^34} | {'prefill ms (first step)':^29} | {'uncached':>8} | retained",
         f"{'':>7} | {'step':>7} {'+lens':>7} {'HF':>7} {'step/HF':>9} | {'step':>7} {'HF fwd':>7} {'HF last':>7} "
@@ -295,9 +539,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gptviz.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="contexts 16 and 512 only, fewer steps, no bf16")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--lens", action="store_true", help="also time the logit lens product per layout and dtype")
+    parser.add_argument("--layouts", action="store_true", help="also measure GB/s per weight shape, layout and dtype")
+    parser.add_argument("--kernels-only", action="store_true", help="only the decode kernel table (and --lens/--layouts)")
     args = parser.parse_args(argv)
-    result = run(quick=args.quick)
-    print(json.dumps(result, indent=2) if args.json else report(result))
+    result = run(quick=args.quick, lens=args.lens, layouts=args.layouts, kernels_only=args.kernels_only)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(report_kernels(result)) if args.kernels_only else report(result))
     return 0
 
 

@@ -1,0 +1,64 @@
+"""Tests of gptviz.benchmark's helpers (no timings are asserted: speed is the benchmark's to report)."""
+
+from __future__ import annotations
+
+import torch
+
+from gptviz import GPTConfig, GPTModel
+from gptviz import benchmark as b
+
+
+def small_model() -> GPTModel:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=97, context_length=32, emb_dim=32, n_heads=4, n_layers=2, qkv_bias=True, tie_weights=True)
+    return GPTModel(cfg).eval()
+
+
+def test_plain_layout_is_the_book_layout_with_the_same_numbers():
+    model = small_model()
+    plain = b.plain_layout(model)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    assert not all(p.is_contiguous() for p in model.parameters())  # the model itself keeps its fast layout
+    att = plain.trf_blocks[0].att
+    assert att.W_key.weight.untyped_storage().data_ptr() != att.W_query.weight.untyped_storage().data_ptr()
+    with torch.no_grad():
+        assert att._fused_qkv(torch.zeros(1, 1, 32)) is None  # unfused: each projection is its own product
+    assert plain.out_head.weight is plain.tok_emb.weight  # tying survives
+    idx = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        # float32, other kernels and summation orders: a few ulps of O(1) logits.
+        torch.testing.assert_close(plain(idx), model(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_decode_ms_times_each_cached_step_and_leaves_no_hook():
+    model = small_model()
+    gaps = b.greedy_decode_ms(model, [1, 2, 3], steps=4)
+    assert len(gaps) == 4 and all(g > 0 for g in gaps)
+    assert not model._forward_pre_hooks
+
+
+def test_child_process_answers_expressions_in_turn():
+    child = b.Child()
+    try:
+        assert child.ask("1 + 1") == 2
+        assert child.ask("b.random_prompt(3, seed=1)") == b.random_prompt(3, seed=1)
+    finally:
+        child.close()
+    assert child.proc.returncode == 0
+
+
+def test_kernel_report_prints_every_row_with_its_ratio():
+    kernels = {}
+    for ctx in b.KERNEL_CONTEXTS:
+        row = {key: 10.0 + i for i, (key, _) in enumerate(b.KERNEL_ROWS)}
+        row["hf"] = 20.0
+        row |= {f"{key}_ratio_range": (0.4, 0.6) for key, _ in b.KERNEL_ROWS}
+        row |= {f"{key}_min": row[key] / 2 for key, _ in b.KERNEL_ROWS}
+        kernels[ctx] = row
+    text = "\n".join(b.report_kernels({"kernels": kernels, "transformers": "x"}))
+    for _, label in b.KERNEL_ROWS:
+        assert label in text
+    assert "0.50x" in text  # float32: 10 ms against transformers' 20 ms (p50, and min: 5 against 10)
+    assert "    5.0  0.50x" in text
+    assert "(0.40-0.60)" in text
+    assert "fast layout / plain layout (float32 step) 0.77" in text  # 10 / 13
