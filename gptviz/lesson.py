@@ -39,6 +39,7 @@ from typing import Any, Mapping
 import tiktoken
 import torch
 
+from . import lesson_format
 from .config import GPTConfig
 from .generation import GenerationSession, StepRecord
 from .lesson_format import (DEFAULT_MAX_MODEL_BYTES, FORMAT, FORMAT_VERSION, KNOWN_SAMPLING, MAX_ENTRIES,  # noqa: F401
@@ -49,11 +50,7 @@ from .settings import DTYPES
 from .tokenizer import get_encoding, token_piece
 
 __all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "MAX_LESSON_BYTES",
-    "MAX_LESSON_TOKENS",
-    "LessonError",
+    *lesson_format.__all__,  # the format, LessonError, load_lesson, validate_lesson
     "TokenRef",
     "ReplayResult",
     "random_source",
@@ -61,8 +58,6 @@ __all__ = [
     "custom_source",
     "lesson_from_session",
     "save_lesson",
-    "load_lesson",
-    "validate_lesson",
     "lesson_to_json",
     "model_for_lesson",
     "replay",
