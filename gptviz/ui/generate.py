@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
 import gradio as gr
+import pandas as pd
 import plotly.graph_objects as go
 import torch
 
@@ -15,7 +16,7 @@ from ..formatting import nbytes, percent
 from ..generation import GenerationSession
 from ..params import kv_bytes_per_token
 from ..tokenizer import encode, get_encoding, label
-from .components import Plot
+from .components import Plot, csv_button, csv_file
 from .html import chips_html, esc, md_code, note
 from .inputs import index, prompt_ids
 from .outputs import components, skip
@@ -36,11 +37,12 @@ class Main(NamedTuple):
     kv: str
     step_json: dict
     view_step: Any  # the step selector: after an action, at the newest step
+    cand_csv: str | None  # the viewed step's candidates as CSV
 
     @classmethod
     def blank(cls, message: str) -> "Main":
         return cls(note(message), plots.empty_figure(message, height=TOPK_HEIGHT),
-                   plots.empty_figure(message, height=HEATMAP_HEIGHT), "", {}, gr.Slider(maximum=1, value=0))
+                   plots.empty_figure(message, height=HEATMAP_HEIGHT), "", {}, gr.Slider(maximum=1, value=0), None)
 
 
 class Details(NamedTuple):
@@ -292,7 +294,17 @@ class GenerateView:
         layer, head = index(layer, cfg.n_layers), index(head, cfg.n_heads)
         selector = gr.Slider(maximum=max(1, len(s.steps)), value=k) if step is None else gr.skip()
         return Main(self._text_html(s, k), self._topk_figure(s, k), self._heatmap(self._attention(s, layer, k), head),
-                    self._kv_readout(s, k), self.step_data(v, k), selector)
+                    self._kv_readout(s, k), self.step_data(v, k), selector, self._candidates_csv(s, k))
+
+    @staticmethod
+    def _candidates_csv(s: GenerationSession, k: int) -> str | None:
+        if not k:
+            return None
+        r = s.steps[k - 1]
+        table = pd.DataFrame([dict(rank=n + 1, id=c.token_id, piece=c.piece, probability=c.prob,
+                                   drawn_with=c.sample_prob, may_be_drawn=c.kept, chosen=c.token_id == r.token_id)
+                              for n, c in enumerate(r.candidates)])
+        return csv_file(table, f"candidates-step-{k}", str(id(s)))
 
     # --------------------------------------------------------------- handlers (events)
     def step(self, prompt: str, layer: Any, head: Any, temperature: Any = 0, top_k: Any = 0, top_p: Any = 1,
@@ -396,6 +408,7 @@ class GenerateView:
                 c["kv"] = gr.Markdown(main.kv, elem_id="kv-readout")
             with gr.Column(scale=2):
                 c["topk"] = Plot(main.topk, show_label=False, elem_id="topk-plot")
+                c["cand_csv"] = csv_button("candidates-csv")
         with gr.Row():
             c["layer"] = gr.Slider(0, max(1, n_layers - 1), value=0, step=1, label="Block (layer)",
                                    elem_id="layer-slider")

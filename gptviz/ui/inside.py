@@ -18,7 +18,7 @@ from ..inside import (Slices, ablate_in_slices, cache_savings, compare_precision
 from ..model import GPTModel, MultiHeadAttention
 from ..settings import DTYPES
 from ..tokenizer import get_encoding, label
-from .components import Plot
+from .components import Plot, csv_button, csv_file
 from .html import code_html, esc, tok
 from .inputs import check_text, prompt_ids
 from .outputs import components, skip
@@ -60,6 +60,7 @@ class Cache(NamedTuple):
     kv_summary: str
     kv_table: pd.DataFrame
     kv_plot: go.Figure
+    kv_csv: str | None
 
 
 def pair_columns(a: str, b: str) -> list[str]:
@@ -278,7 +279,7 @@ class InsideView:
                     text = ("The cache is empty: press Step on the Generate tab. The first step runs the prompt "
                             "through the model (a prefill) and keeps every layer's keys and values here.")
                     figure = plots.empty_figure("Press Step on the Generate tab", height=KV_HEIGHT)
-                return Cache(f'<div class="summary"><p>{text}</p></div>', pd.DataFrame(columns=KV_COLUMNS), figure)
+                return Cache(f'<div class="summary"><p>{text}</p></div>', pd.DataFrame(columns=KV_COLUMNS), figure, None)
             cfg = s.model.cfg
             table = kv_cache_table(cache).rename(columns={"filled bytes": "filled", "allocated bytes": "allocated"})
             table[["filled", "allocated"]] = table[["filled", "allocated"]].map(nbytes)
@@ -301,7 +302,8 @@ class InsideView:
                 f"grows in chunks of {cache.layers[0].chunk} positions).</p><p><b>{when}</b>: {esc(explanation)}</p>"
                 "</div>"
             )
-        return Cache(summary, table, self._work_figure(cfg, saved.context_len))
+        return Cache(summary, table, self._work_figure(cfg, saved.context_len),
+                     csv_file(table, "kv-cache", getattr(request, "session_hash", "")))
 
     # --------------------------------------------------------------- layout and wiring
     def build(self) -> dict[str, Any]:
@@ -361,6 +363,7 @@ class InsideView:
                 c["kv_table"] = gr.Dataframe(pd.DataFrame(columns=KV_COLUMNS), interactive=False, show_label=False,
                                              max_height=520, elem_id="kv-table", elem_classes="compact", buttons=[],
                                              column_widths=["9%", "19%", "19%", "21%", "15%", "17%"])
+                c["kv_csv"] = csv_button("kv-csv")
         return c
 
     def wire(self, tab: gr.Tab, prompt: gr.Textbox) -> None:

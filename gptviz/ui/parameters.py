@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from .. import plots
 from ..config import CONFIG_FIELDS, PRESETS, GPTConfig, config_from_fields
 from ..params import count_params, format_breakdown, memory_and_compute, nearest_preset, param_breakdown
-from .components import Plot
+from .components import Plot, csv_button, csv_file
 from .outputs import components, skip
 from .serving import AppContext, error
 
@@ -29,6 +29,8 @@ class Counted(NamedTuple):
     p_table: pd.DataFrame
     p_chart: go.Figure
     p_memory: pd.DataFrame
+    p_csv: str
+    mem_csv: str
 
 
 #: A preset chosen: the eight fields, then what :class:`Counted` fills.
@@ -57,7 +59,8 @@ class ParametersView:
         )
         table = format_breakdown(param_breakdown(cfg))[list(BREAKDOWN_COLUMNS)]
         memory = mem[["quantity", "readable", "formula"]].rename(columns={"readable": "value"})
-        return Counted(summary, name, table, plots.params_figure(cfg, height=CHART_HEIGHT), memory)
+        return Counted(summary, name, table, plots.params_figure(cfg, height=CHART_HEIGHT), memory,
+                       csv_file(table, f"parameters-{name}"), csv_file(memory, f"memory-{name}"))
 
     def params(self, vocab_size: Any, context_length: Any, emb_dim: Any, n_heads: Any, n_layers: Any,
                drop_rate: Any, qkv_bias: Any, tie_weights: Any) -> Counted:
@@ -102,8 +105,10 @@ class ParametersView:
         c["p_table"] = gr.Dataframe(first.p_table, label="Parameter breakdown (as the source counts them)",
                                     interactive=False, wrap=True, elem_id="params-table", max_height=680,
                                     elem_classes="compact", column_widths=list(BREAKDOWN_COLUMNS.values()))
+        c["p_csv"] = csv_button("params-csv", first.p_csv)
         c["p_memory"] = gr.Dataframe(first.p_memory, label="Memory and compute (batch 1)", interactive=False,
                                      wrap=True, elem_id="params-memory", column_widths=["30%", "12%", "58%"])
+        c["mem_csv"] = csv_button("memory-csv", first.mem_csv)
         return c
 
     @property

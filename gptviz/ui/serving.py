@@ -24,7 +24,6 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -32,11 +31,12 @@ import gradio as gr
 import torch
 
 from ..config import PRESETS, GPTConfig
-from ..generation import GenerationSession, step_together
+from ..generation import GenerationSession
 from ..inside import low_precision_copy
 from ..model import GPTModel
 from ..settings import DTYPES, RANDOM, SEED, Settings
 from ..weights import WeightsError, WeightsSource, estimated_bytes, is_allowed_name, load_pretrained
+from .turns import StepBatcher, Turns
 
 __all__ = ["UPLOAD", "ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "StepBatcher", "AppContext", "build_model", "error"]
 
@@ -272,127 +272,6 @@ class Visitors:
     def live_sessions(self) -> int:
         with self._lock:
             return sum(v.session is not None for v in self._by_id.values())
-
-
-# --------------------------------------------------------------------------- turns on the model
-
-
-class Turns:
-    """One unit of model work at a time, steps first: a waiting Step (priority 0) goes before
-    waiting analyses (priority 1), which run in slices, so a long analysis never holds the
-    model for more than one slice while visitors press Step. Same priority: first come, first served."""
-
-    STEP, ANALYSIS = 0, 1
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._busy = False
-        self._waiting: list[tuple[int, int]] = []  # (priority, ticket), in arrival order
-        self._tickets = 0
-
-    def _first(self) -> tuple[int, int]:
-        return min(self._waiting)
-
-    def acquire(self, priority: int = STEP) -> None:
-        with self._cond:
-            self._tickets += 1
-            me = (priority, self._tickets)
-            self._waiting.append(me)
-            while self._busy or self._first() != me:
-                self._cond.wait()
-            self._waiting.remove(me)
-            self._busy = True
-
-    def release(self) -> None:
-        with self._cond:
-            self._busy = False
-            self._cond.notify_all()
-
-    def locked(self) -> bool:
-        return self._busy
-
-    @contextmanager
-    def turn(self, priority: int = STEP) -> Iterator[None]:
-        self.acquire(priority)
-        try:
-            yield
-        finally:
-            self.release()
-
-
-class StepBatcher:
-    """Visitors' Steps that arrive together run as one batched forward (the model's weights read
-    once for all of them): a Step that finds no batch running leads one — it takes the model's
-    turn, gathers every Step waiting (up to ``max_batch``, same model, one new position each)
-    and runs them with :func:`~gptviz.generation.step_together`; the others wait for their
-    result. Alone, a Step runs at once: no waiting window. Steps that cannot be batched (a
-    prefill, a cropped context) run alone in their turn."""
-
-    def __init__(self, turns: Turns, max_batch: int = 16) -> None:
-        self.turns, self.max_batch = turns, max_batch
-        self._cond = threading.Condition()
-        self._queue: list[_Job] = []
-        self._leading = False
-        self.batches: list[int] = []  # sizes of recent batches (for the load benchmark)
-
-    def step(self, session: GenerationSession) -> None:
-        """One step of ``session`` (its visitor's lock held by the caller)."""
-        if not session.batchable:
-            with self.turns.turn(Turns.STEP):
-                session.step(1)
-            return
-        job = _Job(session)
-        with self._cond:
-            self._queue.append(job)
-            while not job.done and self._leading:
-                self._cond.wait()
-            if job.done:
-                return job.result()
-            self._leading = True  # this thread leads the next batch
-        try:
-            with self.turns.turn(Turns.STEP):
-                with self._cond:
-                    batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-                self._run(batch)
-        finally:
-            with self._cond:
-                self._leading = False
-                self._cond.notify_all()
-        return job.result()
-
-    def _run(self, batch: list["_Job"]) -> None:
-        groups: dict[int, list[_Job]] = {}
-        for job in batch:
-            groups.setdefault(id(job.session.model), []).append(job)
-        for jobs in groups.values():
-            ready = [j for j in jobs if j.session.batchable]
-            try:
-                step_together([j.session for j in ready])
-                for j in ready:
-                    j.finish()
-            except BaseException as e:  # noqa: BLE001 - handed to each visitor's own thread
-                for j in ready:
-                    j.finish(e)
-            for j in jobs:
-                if not j.done:  # changed meanwhile (cannot happen under the visitor's lock): alone
-                    try:
-                        j.session.step(1)
-                        j.finish()
-                    except BaseException as e:  # noqa: BLE001
-                        j.finish(e)
-        self.batches = (self.batches + [len(batch)])[-256:]
-
-
-class _Job:
-    def __init__(self, session: GenerationSession) -> None:
-        self.session, self.done, self.error = session, False, None
-
-    def finish(self, error: BaseException | None = None) -> None:
-        self.done, self.error = True, error
-
-    def result(self) -> None:
-        if self.error is not None:
-            raise self.error
 
 
 # --------------------------------------------------------------------------- the context

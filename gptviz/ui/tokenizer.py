@@ -8,6 +8,7 @@ import gradio as gr
 import pandas as pd
 
 from ..tokenizer import ENDOFTEXT_ID, display_text, encode, get_encoding, token_piece
+from .components import csv_button, csv_file
 from .html import chips_html
 from .inputs import check_text, parse_ids
 from .outputs import components
@@ -22,6 +23,7 @@ class Tokenized(NamedTuple):
     tok_stats: str
     tok_ids: str
     tok_table: pd.DataFrame
+    tok_csv: str | None
 
 
 class Decoded(NamedTuple):
@@ -53,14 +55,15 @@ class TokenizerView:
         ids = encode(text, enc)
         if not ids:
             return Tokenized('<div class="chips note">Type some text to see its tokens.</div>', "0 tokens", "",
-                             self._table([], enc))
+                             self._table([], enc), None)
         n_special = ids.count(ENDOFTEXT_ID)
         summary = (f"**{len(ids):,} tokens** · {len(text):,} characters · "
                    f"**{len(text) / len(ids):.2f} characters per token**")
         if n_special:
             summary += f" · {n_special} × `<|endoftext|>` (id {ENDOFTEXT_ID})"
         chips = chips_html(ids, enc, limit=self.ctx.settings.max_chips)
-        return Tokenized(chips, summary, ", ".join(map(str, ids)), self._table(ids, enc))
+        table = self._table(ids, enc)
+        return Tokenized(chips, summary, ", ".join(map(str, ids)), table, csv_file(table, "tokens"))
 
     def detokenize(self, ids_text: str) -> Decoded:
         """Ids → (decoded text, chips HTML). Bytes that are not valid UTF-8 alone decode to �
@@ -88,6 +91,7 @@ class TokenizerView:
                 c["tok_table"] = gr.Dataframe(first.tok_table, label="Tokens: id, piece (· space, ↵ newline), "
                                               "UTF-8 bytes", interactive=False, max_height=360, elem_id="token-table",
                                               column_widths=["13%", "11%", "27%", "26%", "23%"])
+                c["tok_csv"] = csv_button("token-csv", first.tok_csv)
             with gr.Column(scale=2):
                 c["detok_in"] = gr.Textbox("15496, 11, 314, 716", label="Ids → text", elem_id="detokenize-input",
                                            info="ids separated by commas or spaces")

@@ -20,7 +20,7 @@ from ..plots_explain import attribution_waterfall, lens_lines_figure, saliency_f
 from ..settings import RANDOM
 from ..tokenizer import get_encoding, label
 from .generate import GenerateView
-from .components import Plot
+from .components import Plot, csv_button, csv_file
 from .html import chips_html, esc, md_code
 from .outputs import components, skip
 from .serving import AppContext, Turns, Visitor, error
@@ -36,10 +36,12 @@ class Why(NamedTuple):
     why_other: Any  # the "compared with" choice: the step's other candidates
     why_plot: go.Figure
     why_table: pd.DataFrame
+    why_csv: str
 
 
 class Lens(NamedTuple):
     lens_lines: go.Figure
+    lens_csv: str
 
 
 class Saliency(NamedTuple):
@@ -87,9 +89,10 @@ class WhyPanel:
             note += f"\n\n{RANDOM_NOTE}"
         choices = [(f"{label(c.token_id, enc, 20)} ({percent(c.prob)})", c.token_id) for c in r.candidates
                    if c.token_id != r.token_id]
+        shown = table[WHY_COLUMNS].round({"contribution": 5})
         return Why(note, gr.Dropdown(choices=choices, value=baseline),
-                   attribution_waterfall(table, chosen, against, height=WATERFALL_HEIGHT),
-                   table[WHY_COLUMNS].round({"contribution": 5}))
+                   attribution_waterfall(table, chosen, against, height=WATERFALL_HEIGHT), shown,
+                   csv_file(table, f"why-step-{k}", getattr(request, "session_hash", "")))
 
     def lens_detail(self, step: Any, request: gr.Request) -> Lens:
         """The viewed step's logit lens after every sub-block: the rank and probability of the token
@@ -101,7 +104,7 @@ class WhyPanel:
         at = decided_at(table)
         fig.update_layout(title=dict(text=f"Step {k}: “{esc(chosen)}” " + (f"decided at block {at}" if at is not None
                                                                           else "first only at the very end")))
-        return Lens(fig)
+        return Lens(fig, csv_file(table, f"lens-step-{k}", getattr(request, "session_hash", "")))
 
     def saliency(self, step: Any, request: gr.Request) -> Saliency:
         """Which input tokens moved the viewed step's choice: gradient × input on their embeddings
@@ -138,6 +141,9 @@ class WhyPanel:
                     c["why_table"] = gr.Dataframe(pd.DataFrame(columns=WHY_COLUMNS), interactive=False,
                                                   show_label=False, max_height=300, elem_id="why-table",
                                                   elem_classes="compact")
+                    with gr.Row():
+                        c["why_csv"] = csv_button("why-csv")
+                        c["lens_csv"] = csv_button("lens-csv")
             c["saliency_chips"] = gr.HTML("", elem_id="saliency-chips")
             c["saliency_plot"] = Plot(plots.empty_figure("", height=SALIENCY_HEIGHT), show_label=False,
                                          elem_id="saliency-plot")
