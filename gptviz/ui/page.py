@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from .atlas import ATLAS_JS, AtlasView
+from .components import EXPORT_JS
 from .generate import GenerateView
 from .inside import InsideView
 from .model import ModelView
@@ -28,8 +29,8 @@ HEADER = ("# gptviz · GPT-2 from the inside\nSee the tokens, step through greed
           "precision, KV cache) and count the parameters of any configuration.")
 
 #: Scripts run once on page load, in order (each a ``() => {...}`` function; Gradio takes one ``js``,
-#: :func:`page_js` joins them): the head-role atlas's click bridge.
-PAGE_SCRIPTS = (ATLAS_JS,)
+#: :func:`page_js` joins them): the head-role atlas's click bridge, the SVG button of every figure.
+PAGE_SCRIPTS = (ATLAS_JS, EXPORT_JS)
 
 
 def page_js(*scripts: str) -> str:
