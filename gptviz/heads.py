@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .generation import GenerationSession
 
 __all__ = [
+    "known_head_roles",
     "ROLES",
     "role_scores",
     "probe_ids",
@@ -214,6 +215,16 @@ def cached_head_roles(
     out = table.copy()
     out.attrs = dict(table.attrs)
     return out
+
+
+def known_head_roles(
+    model: GPTModel, probe_len: int | None = None, seed: int = 0, n_probes: int = DEFAULT_N_PROBES
+) -> pd.DataFrame | None:
+    """The table :func:`cached_head_roles` keeps for ``model`` (same arguments) if it was already
+    measured, else None: never measures. Shared: do not edit it."""
+    with _GUARD:
+        tables = _CACHE.get(model)
+        return None if tables is None else tables.get((probe_len, seed, n_probes))
 
 
 # --- value-weighted attention

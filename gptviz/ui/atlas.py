@@ -27,10 +27,12 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from .. import heads as _heads
+from ..heads import known_head_roles  # noqa: F401 (re-exported: the atlas's public helpers)
 from .. import plots
-from ..heads import DEFAULT_N_PROBES, ROLES, cached_head_roles, strongest_role
+from ..heads import DEFAULT_N_PROBES, ROLES, cached_head_roles
 from ..model import GPTModel
 from ..plots_heads import ROLE_LABELS, head_roles_figure
+from .step_view import THRESHOLD, role_note  # noqa: F401 (role_note: the atlas's public helper)
 from .generate import GenerateView
 from .outputs import components, skip
 from .serving import AppContext, Turns, Visitor, error
@@ -38,7 +40,6 @@ from .serving import AppContext, Turns, Visitor, error
 __all__ = ["ATLAS_JS", "Atlas", "Jump", "AtlasView", "known_head_roles", "role_note"]
 
 DEFAULT_ROLE = "previous_token"
-THRESHOLD = 0.4  # a score from which a head is said to have that role
 TOP_N = 3  # heads named under the figure
 
 INTRO = (
@@ -104,7 +105,6 @@ ATLAS_JS = r"""
 """
 
 _CLICK = re.compile(r"\s*(\d{1,4})\s*,\s*(\d{1,4})\s*")
-_DEFAULT_KEY = (None, 0, DEFAULT_N_PROBES)  # cached_head_roles(model)'s arguments
 
 
 class Atlas(NamedTuple):
@@ -122,29 +122,6 @@ class Jump(NamedTuple):
     heatmap: go.Figure
     heatmap_avg: go.Figure
     grid: go.Figure
-
-
-def known_head_roles(model: GPTModel) -> pd.DataFrame | None:
-    """The model's role table if :func:`~gptviz.heads.cached_head_roles` (default arguments) has
-    already measured it, else None; never measures. Reads heads' cache, which has no public
-    accessor of its own yet. The table is shared: do not edit it."""
-    with _heads._GUARD:
-        tables = _heads._CACHE.get(model)
-        return None if tables is None else tables.get(_DEFAULT_KEY)
-
-
-def role_note(model: GPTModel, layer: int, head: int, threshold: float = THRESHOLD) -> str | None:
-    """The strongest role of head ``(layer, head)`` and its score, e.g. ``"induction 0.62"``, for a
-    heatmap title; None when the model's roles were not measured yet (this never measures them),
-    when no score reaches ``threshold``, or when the model has no such head."""
-    df = known_head_roles(model)
-    if df is None:
-        return None
-    try:
-        found = strongest_role(df, int(layer), int(head), threshold)
-    except (KeyError, TypeError, ValueError):
-        return None
-    return None if found is None else f"{ROLE_LABELS[found[0]]} {found[1]:.2f}"
 
 
 def _check_role(role: Any) -> str:
@@ -182,7 +159,7 @@ class AtlasView:
         role = _check_role(role)
         v = self.ctx.visitor(request)
         model = self._model(v)
-        df = known_head_roles(model)
+        df = _heads.known_head_roles(model)
         if df is None:
             progress(0, desc="Measuring every head on the probe (one forward pass)")
             try:

@@ -173,6 +173,7 @@ class Visitor:
     spec: ModelSpec
     session: GenerationSession | None = None  # holds a reference to the shared model, never a copy
     own: GPTModel | None = None  # the visitor's uploaded model (spec.source == UPLOAD), theirs alone
+    value_weighted: bool = False  # its heatmaps show attention × value norm
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one event at a time
     last_used: float = field(default_factory=time.monotonic)  # of its last event
     released: bool = False  # its session was dropped to make room for others (said at its next Step)

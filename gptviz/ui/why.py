@@ -22,7 +22,7 @@ from ..tokenizer import get_encoding, label
 from .generate import GenerateView
 from .components import Plot, csv_button, csv_file
 from .html import chips_html, esc, md_code
-from .outputs import components, skip
+from .outputs import components
 from .serving import AppContext, Turns, Visitor, error
 
 WATERFALL_HEIGHT, SALIENCY_HEIGHT, LENS_LINES_HEIGHT = 520, 300, 380
