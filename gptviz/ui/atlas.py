@@ -29,7 +29,7 @@ import plotly.graph_objects as go
 from .. import heads as _heads
 from ..heads import known_head_roles  # noqa: F401 (re-exported: the atlas's public helpers)
 from .. import plots
-from ..heads import DEFAULT_N_PROBES, ROLES, cached_head_roles
+from ..heads import ROLES, cached_head_roles
 from ..model import GPTModel
 from ..plots_heads import ROLE_LABELS, head_roles_figure
 from .step_view import THRESHOLD, role_note  # noqa: F401 (role_note: the atlas's public helper)
