@@ -325,11 +325,11 @@ def decode_kernels(model: GPTModel, child: Child | None, steps: int, rounds: int
                 samples[key] += values
                 per_round[key].append(statistics.median(values))
         row: dict[str, Any] = {key: statistics.median(v) for key, v in samples.items() if v}
-        row |= {f"{key}_min": min(v) for key, v in samples.items() if v}
         if child is not None:
             for key in list(row):
                 ratios = [a / b for a, b in zip(per_round[key], per_round["hf"])]
                 row[f"{key}_ratio_range"] = (min(ratios), max(ratios))
+        row |= {f"{key}_min": min(v) for key, v in samples.items() if v}
         out[ctx] = row
     del models
     return out

@@ -15,8 +15,8 @@ Two more, for speed and half precision, also marked ``# NEW``:
 * **memory layout** (:meth:`GPTModel.optimize_layout_`): a generation step multiplies one
   row by every weight matrix, so its speed is how fast the weights stream from memory, and
   that depends on how a matrix lies in memory. ``nn.Linear`` keeps ``(out, in)``; on the CPU
-  in float32 the product reads ``W_query``/``W_key``/``W_value``, ``ff.layers.0`` and
-  ``out_head`` ~1.6× faster when their storage is ``(in, out)`` (the ``weight`` stays a
+  in float32 the product reads ``W_query``/``W_key``/``W_value`` and ``ff.layers.0``
+  ~1.5× faster when their storage is ``(in, out)`` (the ``weight`` stays a
   ``(out, in)`` view of it), while float16 is fastest in ``(out, in)``. The three attention
   projections also share one buffer, so the attention runs them as one product. Names,
   shapes, values, ``state_dict`` keys and parameter counts stay the book's; the results
@@ -392,9 +392,10 @@ class GPTModel(nn.Module):
                     lin.weight.data = _store(lin.weight, in_out=False)
                 lin = block.ff.layers[0]  # emb -> 4·emb
                 lin.weight.data = _store(lin.weight, _in_out_fastest(lin.weight))
-            # The tied head is tok_emb's weight: an embedding lookup reads any layout as fast.
-            head = self.out_head.weight
-            head.data = _store(head, _in_out_fastest(head))
+            # The head stays (out, in), even though a one-row product reads it ~1.6x faster stored
+            # (in, out): the logit lens multiplies it with n_layers rows, which that layout makes
+            # 2.3x (F.linear) to 12x (W @ x.T) slower (python -m gptviz.benchmark --lens).
+            self.out_head.weight.data = _store(self.out_head.weight, in_out=False)
         return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> "GPTModel":

@@ -324,7 +324,7 @@ def test_fast_layout_gives_the_plain_layouts_logits(qkv_bias, tie):
     att = model.trf_blocks[0].att
     assert fused(att)  # the fused product is taken
     assert att.W_query.weight.stride() == (1, 3 * 48)  # float32 on the CPU: (in, 3·out) storage
-    assert model.out_head.weight.t().is_contiguous() and (model.out_head.weight is model.tok_emb.weight) == tie
+    assert model.out_head.weight.is_contiguous() and (model.out_head.weight is model.tok_emb.weight) == tie
     assert model.trf_blocks[0].ff.layers[0].weight.t().is_contiguous()
     idx = torch.randint(0, 211, (2, 30))
     heads = torch.ones(3, 4).index_fill_(1, torch.tensor([1]), 0)  # one head off in every layer
@@ -394,7 +394,7 @@ def test_assign_load_of_a_tied_checkpoint_ties_again():
         model = GPTModel(cfg)
     model.load_state_dict(state, assign=True)
     assert model.out_head.weight is model.tok_emb.weight
-    assert model.out_head.weight.t().is_contiguous()  # laid out for the head's product
+    assert model.out_head.weight.is_contiguous()  # (out, in): the logit lens's rows read it fastest so
     assert n_params(model) == n_params(source)
 
 
