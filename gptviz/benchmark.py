@@ -41,6 +41,7 @@ shape, layout and dtype (what :meth:`~gptviz.model.GPTModel.optimize_layout_` is
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import copy
 import importlib.util
 import json
@@ -542,7 +543,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lens", action="store_true", help="also time the logit lens product per layout and dtype")
     parser.add_argument("--layouts", action="store_true", help="also measure GB/s per weight shape, layout and dtype")
     parser.add_argument("--kernels-only", action="store_true", help="only the decode kernel table (and --lens/--layouts)")
+    parser.add_argument("--load", action="store_true",
+                        help="start the app and run the classroom scenarios through gradio_client (gptviz.loadtest)")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="with --load: another checkout (e.g. `git worktree add ../before HEAD~1`) measured "
+                             "in the same run, for ratios")
     args = parser.parse_args(argv)
+    if args.load:
+        from . import loadtest
+
+        results = loadtest.main(args.against, quick=args.quick)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        return 0
     result = run(quick=args.quick, lens=args.lens, layouts=args.layouts, kernels_only=args.kernels_only)
     if args.json:
         print(json.dumps(result, indent=2))

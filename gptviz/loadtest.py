@@ -1,0 +1,250 @@
+"""A classroom against one app: ``python -m gptviz.benchmark --load``.
+
+Starts ``python app.py`` on a free local port (random seed-124M weights, float32, CPU, offline)
+— this checkout's, and with ``--against DIR`` also another checkout's (e.g. the commit before a
+change, from ``git worktree add``) one after the other on the same machine — and runs the same
+scenarios through ``gradio_client``, one client per visitor, printing p50/p95 per scenario and the
+ratio between the two apps. Only loopback addresses are used; every loop is bounded.
+
+Scenarios (from the classroom issue):
+
+* ``alone``: one visitor's ``/step`` answer time (≤ 64 tokens, lens on);
+* ``class``: 16 visitors × 8 Steps at once: time per Step;
+* ``analyses``: 4 visitors stepping while a fifth runs ``/precision``, ``/ablate "0.1, 3.*"`` and
+  ``/shapes`` with every block on a ~1,000-token prompt: the steppers' times;
+* ``stepn``: 8 visitors × Step ×20 at once: wall time, and whether every visitor got its solo tokens;
+* ``memory``: the app's RSS after 40 finished sessions, against its RSS before them;
+* ``browser`` (when Playwright and Chromium are there): Step click → heatmap redrawn, 12 clicks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+ROOT = Path(__file__).resolve().parent.parent
+LONG_PROMPT = " ".join(["the cat sat on the mat and looked at the dog"] * 100)  # ~1,000 tokens
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def app(checkout: Path) -> Iterator[tuple[str, int]]:
+    """``python app.py`` of ``checkout`` on a free port: (url, pid), stopped afterwards."""
+    port = _port()
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GPTVIZ_DEVICE="cpu",
+               HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(checkout))
+    env.pop("GPTVIZ_WEIGHTS", None)
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=checkout, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the app of {checkout} exited") from None
+                time.sleep(0.5)
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _together(n: int, work: Callable[[int], Any]) -> list[Any]:
+    """``work(k)`` for k < n in n threads started at once; their results (exceptions re-raised)."""
+    results: list[Any] = [None] * n
+    errors: list[BaseException] = []
+    start = threading.Barrier(n)
+
+    def run(k: int) -> None:
+        try:
+            start.wait()
+            results[k] = work(k)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _pcts(seconds: list[float]) -> dict[str, float]:
+    s = sorted(seconds)
+    return dict(p50=statistics.median(s), p95=s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))], n=len(s))
+
+
+def _timed_steps(client: Any, prompt: str, n: int) -> tuple[list[float], list[int]]:
+    times, ids = [], []
+    for _ in range(n):
+        t = time.perf_counter()
+        out = client.predict(prompt, 0, 0, api_name="/step")
+        times.append(time.perf_counter() - t)
+        ids = out[4]["ids"]
+    return times, ids
+
+
+def run_scenarios(url: str, pid: int, quick: bool = False) -> dict[str, Any]:
+    from gradio_client import Client  # a test-only requirement: imported when the benchmark runs
+    import psutil
+
+    def client() -> Any:
+        return Client(url, verbose=False)
+
+    result: dict[str, Any] = {}
+    warm = client()
+    warm.predict("Warm up", 0, 0, api_name="/step")  # the start-up model is built
+    times, _ = _timed_steps(warm, "Hello, I am", 10 if quick else 30)
+    result["alone"] = _pcts(times[2:])
+    warm.close()
+
+    def visitor(k: int) -> list[float]:
+        c = client()
+        c.predict(f"Visitor {k} writes:", 0, 0, api_name="/reset")
+        times, _ = _timed_steps(c, f"Visitor {k} writes:", 8)
+        c.close()
+        return times
+
+    result["class"] = _pcts([t for ts in _together(16, visitor) for t in ts[1:]])  # the first is a prefill
+
+    def analyses_or_steps(k: int) -> list[float]:
+        c = client()
+        if k == 4:
+            t = time.perf_counter()
+            c.predict(LONG_PROMPT, api_name="/precision")
+            c.predict(LONG_PROMPT, "0.1, 3.*", api_name="/ablate")
+            c.predict(LONG_PROMPT, True, api_name="/shapes")
+            c.close()
+            return [time.perf_counter() - t]
+        time.sleep(1.0)  # let the analyses start first
+        times, _ = _timed_steps(c, f"Stepper {k}:", 6 if quick else 12)
+        c.close()
+        return times
+
+    runs = _together(5, analyses_or_steps)
+    result["analyses"] = _pcts([t for ts in runs[:4] for t in ts[1:]]) | dict(analyst_s=runs[4][0])
+
+    def long_run(k: int) -> list[int]:
+        c = client()
+        *_, data = c.predict(f"Long run {k}", 20, 0, 0, api_name="/step_n")
+        c.close()
+        return data["ids"]
+
+    t0 = time.perf_counter()
+    together = _together(8, long_run)
+    wall = time.perf_counter() - t0
+    alone = []
+    for k in range(8):
+        c = client()
+        *_, data = c.predict(f"Long run {k}", 20, 0, 0, api_name="/step_n")
+        alone.append(data["ids"])
+        c.close()
+    result["stepn"] = dict(wall_s=wall, solo_tokens=together == alone)
+
+    proc = psutil.Process(pid)
+    before = proc.memory_info().rss
+    for k in range(8 if quick else 40):
+        c = client()
+        _timed_steps(c, f"Session {k} of many", 4)
+        c.close()
+    time.sleep(3)  # unload events arrive
+    result["memory"] = dict(rss_before_mb=before / 2**20, rss_after_mb=proc.memory_info().rss / 2**20)
+    result["browser"] = _browser(url)
+    return result
+
+
+def _browser(url: str, clicks: int = 12) -> dict[str, float] | None:
+    """Step click → the heatmap's title shows the new step, timed inside the page (median, min)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return None
+    chromium = os.environ.get("GPTVIZ_CHROMIUM", "/usr/bin/chromium")
+    if not Path(chromium).exists():
+        return None
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport=dict(width=1280, height=900))
+        page.set_default_timeout(120_000)
+        page.goto(url)
+        page.get_by_role("tab", name="Generate", exact=True).click()
+        page.click("#step-btn")
+        page.wait_for_function("() => document.querySelector('#heatmap .gtitle')?.textContent.includes('step 1')")
+        times = []
+        for k in range(2, clicks + 2):
+            ms = page.evaluate(
+                """(k) => new Promise(resolve => {
+                    const t0 = performance.now();
+                    document.querySelector('#step-btn').click();
+                    const poll = () => {
+                        const title = document.querySelector('#heatmap .gtitle')?.textContent || '';
+                        if (title.includes('step ' + k)) resolve(performance.now() - t0);
+                        else requestAnimationFrame(poll);
+                    };
+                    poll();
+                })""", k)
+            times.append(ms)
+            page.wait_for_timeout(300)
+        browser.close()
+    return dict(median_ms=statistics.median(times), min_ms=min(times))
+
+
+def report(results: dict[str, dict[str, Any]]) -> str:
+    """A table: scenario, each app's numbers, and the ratio (this checkout / the other)."""
+    names = list(results)
+    lines = [f"{'scenario':<34}" + "".join(f"{n:>22}" for n in names) + ("   ratio" if len(names) == 2 else "")]
+
+    def row(label: str, get: Callable[[dict[str, Any]], float | None], unit: str) -> None:
+        values = [get(results[n]) for n in names]
+        cells = "".join(f"{'—' if v is None else f'{v:.2f} {unit}':>22}" for v in values)
+        ratio = ""
+        if len(values) == 2 and None not in values and values[1]:
+            ratio = f"   {values[0] / values[1]:.2f}×"
+        lines.append(f"{label:<34}{cells}{ratio}")
+
+    row("alone: /step p50", lambda r: r["alone"]["p50"], "s")
+    row("alone: /step p95", lambda r: r["alone"]["p95"], "s")
+    row("16 visitors x 8 Steps: p50", lambda r: r["class"]["p50"], "s")
+    row("16 visitors x 8 Steps: p95", lambda r: r["class"]["p95"], "s")
+    row("steppers beside analyses: p50", lambda r: r["analyses"]["p50"], "s")
+    row("steppers beside analyses: p95", lambda r: r["analyses"]["p95"], "s")
+    row("the analyses themselves", lambda r: r["analyses"]["analyst_s"], "s")
+    row("8 visitors x Step x20: wall", lambda r: r["stepn"]["wall_s"], "s")
+    row("RSS growth after the sessions", lambda r: r["memory"]["rss_after_mb"] - r["memory"]["rss_before_mb"], "MB")
+    row("browser: click → heatmap, median", lambda r: (r["browser"] or {}).get("median_ms"), "ms")
+    for n in names:
+        lines.append(f"{n}: every visitor got its solo tokens with Step x20 at once: {results[n]['stepn']['solo_tokens']}")
+    return "\n".join(lines)
+
+
+def main(against: Path | None = None, quick: bool = False) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, checkout in [("this checkout", ROOT)] + ([(f"{against.name}", against)] if against else []):
+        with app(checkout) as (url, pid):
+            print(f"{name}: {url}", flush=True)
+            results[name] = run_scenarios(url, pid, quick)
+    print(report(results))
+    return results
