@@ -32,6 +32,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from .ids import as_batch
 from .model import GPTModel
 from .trace import CONTEXT, FF_OUT, RESID_MID, RESIDUAL, Trace
 
@@ -44,23 +45,6 @@ ATTRIBUTION_KINDS = ("embed", "head", "attn_bias", "mlp", "norm")
 
 
 # --------------------------------------------------------------------------- shared helpers
-
-
-def _batch(model: GPTModel, ids: TokenIds) -> torch.Tensor:
-    """Token ids as a ``(1, T)`` batch on the model's device, cropped to the last
-    ``context_length`` tokens; refuses a model in training mode (dropout would be on)."""
-    if model.training:
-        raise ValueError("the model is in training mode (dropout is active); call model.eval() first")
-    seq = torch.as_tensor(ids, dtype=torch.long)
-    seq = seq[0] if seq.dim() == 2 and seq.shape[0] == 1 else seq
-    if seq.dim() != 1:
-        raise ValueError(f"ids must be one sequence of token ids, got shape {tuple(seq.shape)}")
-    if not len(seq):
-        raise ValueError("no tokens: enter some text first")
-    vocab = model.cfg.vocab_size
-    if int(seq.min()) < 0 or int(seq.max()) >= vocab:
-        raise ValueError(f"token ids must lie in [0, {vocab}); got {int(seq.min())}..{int(seq.max())}")
-    return seq[-model.cfg.context_length :].unsqueeze(0).to(model.device)  # (1, T)
 
 
 def _token(model: GPTModel, token: int, name: str) -> int:
@@ -122,7 +106,7 @@ def logit_attribution(
     model's own low-precision logit difference only to that precision).
     """
     cfg = model.cfg
-    batch = _batch(model, ids)
+    batch = as_batch(model, ids)
     target = _token(model, target, "target")
     mask = _mask(model, head_mask)
     trace = Trace((CONTEXT, FF_OUT, RESIDUAL), last_rows=1)
@@ -195,7 +179,7 @@ def lens_table(model: GPTModel, ids: TokenIds, head_mask: torch.Tensor | None = 
     One forward pass (last position only recorded).
     """
     cfg = model.cfg
-    batch = _batch(model, ids)
+    batch = as_batch(model, ids)
     mask = _mask(model, head_mask)
     trace = Trace((RESID_MID, RESIDUAL), last_rows=1)
     with torch.inference_mode():
@@ -265,7 +249,7 @@ def saliency(model: GPTModel, ids: TokenIds, target: int, head_mask: torch.Tenso
     is added; gradient mode is thread-local, so other threads' ``no_grad`` forward passes on
     the same model run as usual meanwhile.
     """
-    batch = _batch(model, ids)
+    batch = as_batch(model, ids)
     target = _token(model, target, "target")
     mask = _mask(model, head_mask)
     with torch.inference_mode(False), torch.enable_grad():

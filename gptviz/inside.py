@@ -30,7 +30,8 @@ import torch
 from .config import GPTConfig
 from .kv_cache import KVCache
 from .model import GPTModel
-from .shapes import TokenIds, _batch, collapse_blocks, model_source, trace_shapes
+from .ids import TokenIds, as_batch
+from .shapes import collapse_blocks, model_source, trace_shapes
 
 __all__ = [
     "model_source",
@@ -195,7 +196,7 @@ def ablate_in_slices(model: GPTModel, ids: TokenIds, heads: HeadSpec, top_k: int
     """:func:`ablate` as sliced work (see :func:`next_logits_in_slices`); returns the AblationResult.
     Both runs are computed the same way, so with no head off they are equal exactly."""
     cfg = model.cfg
-    batch = _batch(model, ids)
+    batch = as_batch(model, ids)
     if isinstance(heads, torch.Tensor):
         if tuple(heads.shape) != (cfg.n_layers, cfg.n_heads):
             raise ValueError(f"head mask must have shape ({cfg.n_layers}, {cfg.n_heads}), got {tuple(heads.shape)}")
@@ -276,7 +277,7 @@ def compare_precisions_in_slices(model: GPTModel, ids: TokenIds, low_models: Seq
     for low_model in low_models:
         if low_model.cfg != model.cfg:
             raise ValueError("low_model must have the same configuration as model")
-    batch = _batch(model, ids)
+    batch = as_batch(model, ids)
     ref, ms_ref = yield from _timed(model, batch, repeats, slice_len)
     results = []
     for low_model in low_models:

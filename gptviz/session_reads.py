@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
-from .model import GPTModel
+from .ids import require_eval
 from .trace import VALUES, Trace
 
 #: Attention rows kept beyond the window, so this many undos need no recompute.
@@ -38,12 +38,7 @@ UNDO_ROWS = 16
 PREFILL_CHUNK = 256
 
 
-def _require_eval(model: GPTModel) -> None:
-    if model.training:
-        raise ValueError(
-            "the model is in training mode (dropout on): call model.eval() once after building it; "
-            "generation never switches a shared model's mode"
-        )
+_require_eval = require_eval  # the one eval-mode check (gptviz.ids)
 
 
 def _band(attn: torch.Tensor, width: int) -> torch.Tensor:

@@ -15,33 +15,19 @@ import inspect
 import sys
 import threading
 from types import FrameType
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import pandas as pd
 import torch
 import torch.nn as nn
 
 from . import model as model_module
+from .ids import TokenIds, as_batch
 from .model import GPTModel
 from .trace import RESIDUAL, TRACE_NAMES, Trace
 
 __all__ = ["model_source", "trace_shapes", "collapse_blocks"]
 
-TokenIds = Sequence[int] | torch.Tensor
-
-
-def _batch(model: GPTModel, ids: TokenIds) -> torch.Tensor:
-    """Token ids as a ``(1, T)`` batch on the model's device, cropped to the last
-    ``context_length`` tokens (as generation crops them)."""
-    if model.training:
-        raise ValueError("the model is in training mode (dropout is active); call model.eval() first")
-    seq = torch.as_tensor(ids, dtype=torch.long)
-    seq = seq[0] if seq.dim() == 2 and seq.shape[0] == 1 else seq
-    if seq.dim() != 1:
-        raise ValueError(f"ids must be one sequence of token ids, got shape {tuple(seq.shape)}")
-    if not len(seq):
-        raise ValueError("no tokens: enter some text first")
-    return seq[-model.cfg.context_length :].unsqueeze(0).to(model.device)  # (1, T)
 
 
 # --------------------------------------------------------------------------- shape tracer
@@ -166,7 +152,7 @@ def trace_shapes(model: GPTModel, ids: TokenIds, collapse: bool = False, meta: b
     they are safe on a model shared between threads: each hook records only calls made by the
     thread that registered it, so other users' forward passes are neither recorded nor changed.
     """
-    batch = _batch(model, ids)
+    batch = as_batch(model, ids)
     if meta:  # the same code, no arithmetic: shapes only
         with torch.device("meta"):
             model = type(model)(model.cfg).to(model.dtype).eval()
