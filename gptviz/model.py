@@ -246,7 +246,9 @@ class LayerNorm(nn.Module):
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, x = x.dtype, x.float()  # NEW (float16): normalise in float32 (no-op for float32)
+        dtype = x.dtype
+        if dtype in (torch.float16, torch.bfloat16):  # NEW (float16): normalise half inputs in float32
+            x = x.float()
         mean = x.mean(dim=-1, keepdim=True)
         var = x.var(dim=-1, keepdim=True, unbiased=False)  # biased variance, as GPT-2
         norm_x = (x - mean) / torch.sqrt(var + self.eps)

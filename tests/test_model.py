@@ -521,3 +521,11 @@ def test_float16_layernorm_softmax_and_gelu_stay_finite():
     w = trace.attentions[0]
     assert w.dtype == torch.float16 and torch.all(w.triu(1) == 0)
     torch.testing.assert_close(w.float().sum(-1), torch.ones(1, 2, 8), atol=2e-3, rtol=0)  # 8 terms, 2^-11 each
+
+
+def test_layer_norm_keeps_float64_in_float64():
+    # The half-precision guard must not round a float64 input to float32 (gradcheck needs float64).
+    norm = LayerNorm(8).double()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert norm(x).dtype == torch.float64
+    assert torch.autograd.gradcheck(norm, (x,))
