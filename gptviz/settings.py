@@ -5,7 +5,7 @@ Nothing else in gptviz reads the environment for its behaviour: the app builds o
 
 | variable | default | meaning |
 |---|---|---|
-| ``GPTVIZ_WEIGHTS`` | ``random`` | the model every visitor starts with: ``random`` (the source's seed-124M configuration, seed 123), a released name (``gpt2`` …), or, for operators, a Hub repo id or local checkpoint |
+| ``GPTVIZ_WEIGHTS`` | ``random`` | the model every visitor starts with: ``random`` (the source's seed-124M configuration, seed 123), an allowed name (``gpt2`` …, ``distilgpt2``, ``book:gpt2-small-124M`` …), or, for operators, ``hf:owner/name[@revision]`` or a local checkpoint |
 | ``GPTVIZ_DTYPE`` | ``float32`` | dtype of that model: ``float32``, ``bfloat16`` or ``float16`` |
 | ``GPTVIZ_DEVICE`` | best available | ``cpu``, ``cuda``, ``mps`` … |
 | ``GPTVIZ_MAX_MODEL_BYTES`` | 4 GB | weights a visitor may build or load |

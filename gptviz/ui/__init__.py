@@ -11,9 +11,11 @@ without a browser — a ``build()`` that lays out its components and a ``wire()`
 context; ``html`` the chips and the code view; ``inputs`` the checks of what visitors type.
 
 Named endpoints (``api_name``, usable from ``gradio_client``; one session per client):
-``tokenize``, ``detokenize``, ``step``, ``step_n``, ``undo``, ``reset``, ``attention``,
-``shapes``, ``kv_cache``, ``ablate``, ``precision``, ``params``, ``preset``, ``load_model``,
-``build_model``.
+``tokenize``, ``detokenize``, ``step``, ``step_n``, ``undo``, ``reset``, ``candidates``,
+``attention``, ``value_weighted``, ``view_step``, ``why``, ``lens_detail``, ``saliency``,
+``head_roles``, ``shapes``, ``kv_cache``, ``ablate``, ``precision``, ``params``, ``preset``,
+``load_model``, ``build_model``, ``upload_model``, ``export_report``, ``export_lesson``,
+``open_lesson`` (the README lists their arguments).
 """
 
 from __future__ import annotations
