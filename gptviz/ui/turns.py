@@ -15,13 +15,17 @@ __all__ = ["Turns", "StepBatcher"]
 class Turns:
     """One unit of model work at a time, steps first: a waiting Step (priority 0) goes before
     waiting analyses (priority 1), which run in slices, so a long analysis never holds the
-    model for more than one slice while visitors press Step. Same priority: first come, first served."""
+    model for more than one slice while visitors press Step. Same priority: first come, first served.
+    Re-entrant: a thread that holds the turn may take it again (model work nested in a handler
+    that already took its turn)."""
 
     STEP, ANALYSIS = 0, 1
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._busy = False
+        self._owner: int | None = None
+        self._depth = 0
         self._waiting: list[tuple[int, int]] = []  # (priority, ticket), in arrival order
         self._tickets = 0
 
@@ -30,21 +34,31 @@ class Turns:
 
     def acquire(self, priority: int = STEP) -> None:
         with self._cond:
+            if self._owner == threading.get_ident():
+                self._depth += 1
+                return
             self._tickets += 1
             me = (priority, self._tickets)
             self._waiting.append(me)
             while self._busy or self._first() != me:
                 self._cond.wait()
             self._waiting.remove(me)
-            self._busy = True
+            self._busy, self._owner, self._depth = True, threading.get_ident(), 1
 
     def release(self) -> None:
         with self._cond:
-            self._busy = False
+            self._depth -= 1
+            if self._depth:
+                return
+            self._busy, self._owner = False, None
             self._cond.notify_all()
 
     def locked(self) -> bool:
         return self._busy
+
+    def mine(self) -> bool:
+        """This thread holds the turn."""
+        return self._owner == threading.get_ident()
 
     @contextmanager
     def turn(self, priority: int = STEP) -> Iterator[None]:
@@ -72,7 +86,7 @@ class StepBatcher:
 
     def step(self, session: GenerationSession) -> None:
         """One step of ``session`` (its visitor's lock held by the caller)."""
-        if not session.batchable:
+        if not session.batchable or self.turns.mine():  # a caller inside its own turn steps alone
             with self.turns.turn(Turns.STEP):
                 session.step(1)
             return
