@@ -82,7 +82,8 @@ def test_shapes_trace_the_tokens_the_next_step_reads(view, gen, a, tiny_cfg):
     assert "the 4 tokens the next Step reads" in out.inside_about and "Hello, I am" in out.inside_about
     for _ in gen.step_n(PROMPT, 2, 0, 0, request=a):
         pass
-    about, table, code = view.shapes(PROMPT, False, request=a)
+    out = view.shapes(PROMPT, False, request=a)
+    about, table, code = out.inside_about, out.shape_table, out.code
     t, h, d = 6, tiny_cfg.n_heads, tiny_cfg.emb_dim // tiny_cfg.n_heads  # 4 prompt + 2 generated tokens
     assert "the 6 tokens the next Step reads (4 prompt + 2 generated tokens)" in about
     rows = dict(zip(table["module"].str.strip(), table["output"]))
@@ -98,7 +99,7 @@ def test_shapes_trace_the_tokens_the_next_step_reads(view, gen, a, tiny_cfg):
     assert "MultiHeadAttention.forward" in code
     full = view.shapes(PROMPT, True, request=a).shape_table
     assert len(full) > len(table) and (full["module"].str.strip() == "trf_blocks.1").sum() == 1
-    other = view.shapes("Something else", False, request=a).inside_about  # another prompt than the session's: that prompt
+    other = view.shapes("Something else", False, request=a).inside_about  # another prompt: that prompt's tokens
     assert "the 2 tokens the next Step reads (2 prompt + 0 generated tokens)" in other
 
 
@@ -126,7 +127,7 @@ def test_ablation_compares_candidates_and_leaves_the_model_alone(ctx, view, gen,
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = result(view.ablation(PROMPT, "0.1, L1H*", request=a))
     assert isinstance(out, Ablation)
-    summary, table, figure = out
+    summary, table, figure = out.ablate_summary, out.ablate_table, out.ablate_plot
     n = tiny_cfg.n_heads
     assert f"Switched off <b>{1 + n} of {2 * n} heads</b>" in summary and "block 1: all 4 heads" in summary
     assert "block 0: head 1" in summary
@@ -157,7 +158,7 @@ def test_precision_compares_float32_with_one_shared_copy_per_dtype(ctx, view, a,
     ctx.models = ModelStore(lambda spec: build_model(spec, ctx.device))  # a store of this test's own
     out = result(view.precision(PROMPT, request=a))
     assert isinstance(out, Precision)
-    summary, table = out
+    summary, table = out.precision_summary, out.precision_table
     spec = ctx.visitor(a).spec
     model = ctx.models.get(spec)
     bf16, fp16 = ctx.models.low_precision(spec, torch.bfloat16), ctx.models.low_precision(spec, torch.float16)
@@ -203,7 +204,8 @@ def test_kv_cache_view_shows_the_sessions_cache(view, gen, a, tiny_cfg):
     assert isinstance(out, Cache) and "cache is empty" in out.kv_summary and len(out.kv_table) == 0
     for _ in gen.step_n(PROMPT, 3, 0, 0, request=a):
         pass
-    summary, table, figure = view.kv_cache(request=a)
+    out = view.kv_cache(request=a)
+    summary, table, figure = out.kv_summary, out.kv_table, out.kv_plot
     cached, d = 6, tiny_cfg.emb_dim // tiny_cfg.n_heads  # 4 prompt + 2 generated tokens have been read
     assert table["layer"].tolist() == list(range(tiny_cfg.n_layers))
     assert set(table["K shape"]) == set(table["V shape"]) == {f"(1, {tiny_cfg.n_heads}, {cached}, {d})"}
@@ -224,5 +226,6 @@ def test_kv_cache_view_after_the_context_overflows(make_ctx, a):
     with pytest.warns(UserWarning, match="longer than the model's context"):
         for _ in GenerateView(ctx).step_n(PROMPT, 4, 0, 0, request=a):
             pass
-    summary, table, figure = InsideView(ctx).kv_cache(request=a)
+    out = InsideView(ctx).kv_cache(request=a)
+    summary, table, figure = out.kv_summary, out.kv_table, out.kv_plot
     assert "recomputes all 6 positions" in summary and len(table) == 0 and figure.layout.shapes[0].x0 == 6
