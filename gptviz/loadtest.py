@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
-LONG_PROMPT = " ".join(["the cat sat on the mat and looked at the dog"] * 100)  # ~1,000 tokens
+LONG_PROMPT = " ".join(["the cat sat on the mat and looked at the dog"] * 90)  # 990 tokens
 
 
 def _port() -> int:

@@ -61,23 +61,23 @@ def build_page(ctx: AppContext) -> gr.Blocks:
         share.build_state()
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("Tokenizer", id="tokenizer", elem_id="tab-tokenizer"):
-                share.link_row("tokenizer")
                 tokenizer.build()
+                share.link_row("tokenizer")
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
-                share.link_row("generate")
                 generate.build()
                 atlas.build()
                 why.build()
                 share.files_row()
+                share.link_row("generate")
             with gr.Tab("Inside", id="inside", elem_id="tab-inside") as inside_tab:
-                share.link_row("inside")
                 inside.build()
+                share.link_row("inside")
             with gr.Tab("Parameters", id="parameters", elem_id="tab-parameters"):
-                share.link_row("parameters")
                 parameters.build()
+                share.link_row("parameters")
             with gr.Tab("Model", id="model", elem_id="tab-model"):
-                share.link_row("model")
                 model.build()
+                share.link_row("model")
         tokenizer.wire()
         generate.wire()
         atlas.wire()  # a click on its heatmap moves the Generate view's block and head
