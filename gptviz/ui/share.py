@@ -31,6 +31,7 @@ from .links import View, link_query, parse_link
 from .model import ModelView
 from .outputs import components, skip
 from .parameters import Counted, ParametersView
+from . import sampling
 from .serving import AppContext, ModelSpec, Visitor, error
 from .tokenizer import Tokenized, TokenizerView
 
@@ -42,7 +43,8 @@ COPY_JS = ("(q) => { if (!q || !q.startsWith('?')) return q; const url = locatio
 
 #: Everything a link can set, in one response.
 Opened = NamedTuple("Opened", [("tabs", Any), ("tok_in", Any), *Tokenized.__annotations__.items(), ("prompt", Any),
-                               ("layer", Any), ("head", Any), *Main.__annotations__.items(),
+                               ("layer", Any), ("head", Any), ("temperature", Any), ("top_k", Any), ("top_p", Any),
+                               ("seed", Any), *Main.__annotations__.items(),
                                *Details.__annotations__.items(), ("preset_dd", Any),
                                *[(f"cfg_{f}", Any) for f in CONFIG_FIELDS],
                                *[(f, Any) for f in Counted._fields if f != "preset_dd"], ("heads_box", Any),
@@ -114,13 +116,18 @@ class ShareView:
         """The link's steps, one turn each (yielding nothing to redraw in between), then its view."""
         prompt = view.prompt if view.prompt is not None else DEFAULT_PROMPT
         out["prompt"] = prompt
+        knobs = dict(temperature=view.temperature or 0.0, top_k=view.top_k or 0,
+                     top_p=1.0 if view.top_p is None else view.top_p, seed=sampling.DEFAULT_SEED if view.seed is None
+                     else view.seed)
+        settings = sampling.settings_of(**knobs)
+        out.update(knobs)  # the sliders show what the steps used
         with v.lock:
             s = self.generate.session(v, prompt)
             s.reset()
         for _ in range(view.steps):
             yield skip(Opened)
             with v.lock:
-                self.generate.step_once(v, prompt)
+                self.generate.step_once(v, prompt, settings)
         with v.lock:
             cfg = v.session.model.cfg
             layer, head = view.layer or 0, view.head or 0
@@ -140,7 +147,8 @@ class ShareView:
         """The view this browser last had, from its BrowserState (checked like a link)."""
         if not isinstance(saved, dict) or not isinstance(saved.get("prompt"), str):
             return View()
-        params = {k: str(saved[k]) for k in ("prompt", "layer", "head", "weights", "dtype") if saved.get(k) is not None}
+        params = {k: str(saved[k]) for k in ("prompt", "layer", "head", "weights", "dtype", "temperature", "top_k",
+                                             "top_p", "seed") if saved.get(k) is not None}
         generated = saved.get("generated")
         ids = [i for i in generated if isinstance(i, int)] if isinstance(generated, list) else []
         view = parse_link(params, self.ctx.settings)
@@ -157,16 +165,23 @@ class ShareView:
             if s is None:
                 return gr.skip()
             shareable = v.spec.source == RANDOM and v.spec.cfg == PRESETS["seed-124M"] or is_allowed_name(v.spec.source)
+            knobs = s.sampling
             return dict(prompt=s.prompt_text, generated=s.generated_ids, layer=index(layer, s.model.cfg.n_layers),
                         head=index(head, s.model.cfg.n_heads), weights=v.spec.source if shareable else None,
-                        dtype=v.spec.dtype if shareable else None)
+                        dtype=v.spec.dtype if shareable else None, temperature=knobs["temperature"],
+                        top_k=knobs["sample_top_k"], top_p=knobs["top_p"], seed=knobs["seed"])
 
     # --------------------------------------------------------------- links to the current view
-    def generate_link(self, prompt: str, layer: Any, head: Any, request: gr.Request) -> str:
+    def generate_link(self, prompt: str, layer: Any, head: Any, temperature: Any, top_k: Any, top_p: Any, seed: Any,
+                      request: gr.Request) -> str:
         v = self.ctx.visitor(request)
         with v.lock:
             steps = len(v.session.steps) if v.session is not None and v.session.prompt_text == prompt else 0
         view = View(tab="generate", prompt=prompt, steps=min(steps, 64), layer=int(layer or 0), head=int(head or 0))
+        knobs = sampling.settings_of(temperature, top_k, top_p, seed)
+        if knobs["temperature"] > 0:  # greedy links stay short
+            view.temperature, view.top_k, view.seed = knobs["temperature"], knobs["sample_top_k"], knobs["seed"]
+            view.top_p = knobs["top_p"]
         self._model_in(view, v)
         return link_query(view)
 
@@ -315,7 +330,8 @@ class ShareView:
             event.then(self.remember, [g["layer"], g["head"]], c["saved"], api_visibility="private",
                        show_progress="hidden")
         links = {
-            "generate": (self.generate_link, [g["prompt"], g["layer"], g["head"]]),
+            "generate": (self.generate_link, [g["prompt"], g["layer"], g["head"], g["temperature"], g["top_k"],
+                                              g["top_p"], g["seed"]]),
             "tokenizer": (self.tokenizer_link, [t["tok_in"]]),
             "parameters": (self.parameters_link, [p[f"cfg_{f}"] for f in CONFIG_FIELDS]),
             "inside": (self.inside_link, [g["prompt"], i["heads_box"]]),
