@@ -166,3 +166,25 @@ def test_values_longer_than_the_text_limit_are_cut():
     view = parse_link({"prompt": "a" * (SETTINGS.max_text_chars + 5), "k" * 500: "v"}, SETTINGS)
     assert view.prompt == "a" * SETTINGS.max_text_chars
     assert len(view.warnings) == 1 and "Unknown" in view.warnings[0] and len(view.warnings[0]) < 200
+
+
+@pytest.mark.xfail(strict=True, reason="parse_link accepts temperature up to 5, top_k up to 50257 and top_p "
+                   "from 0, but the Generate view's sliders hold 0 … 2, 0 … 200 and 0.01 … 1: a link's value outside them is "
+                   "put on the slider, and the next Step (or Step ×N, candidates) is refused by Gradio "
+                   "('Value 5.0 is greater than maximum value 2.')")
+@pytest.mark.parametrize("name, raw", [("temperature", "5"), ("temperature", "2.5"), ("top_k", "50257"),
+                                       ("top_k", "201"), ("top_p", "0"), ("top_p", "0.005")])
+def test_every_sampling_value_a_link_accepts_fits_its_slider(name, raw):
+    import gradio as gr
+
+    from gptviz.ui import sampling
+
+    with gr.Blocks():
+        sliders: dict = {}
+        sampling.build(sliders)
+    view = parse_link({name: raw}, SETTINGS)
+    value = getattr(view, name)
+    if value is not None:  # accepted: the page sets the slider to it, and the next event sends it back
+        sliders[name].preprocess(value)  # gr.Error when outside the slider's range
+    else:
+        assert mentions(view, name)
