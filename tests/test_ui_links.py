@@ -168,10 +168,10 @@ def test_values_longer_than_the_text_limit_are_cut():
     assert len(view.warnings) == 1 and "Unknown" in view.warnings[0] and len(view.warnings[0]) < 200
 
 
-@pytest.mark.xfail(strict=True, reason="parse_link accepts temperature up to 5, top_k up to 50257 and top_p "
-                   "from 0, but the Generate view's sliders hold 0 … 2, 0 … 200 and 0.01 … 1: a link's value outside them is "
-                   "put on the slider, and the next Step (or Step ×N, candidates) is refused by Gradio "
-                   "('Value 5.0 is greater than maximum value 2.')")
+@pytest.mark.xfail(strict=True, reason=(
+    "parse_link accepts temperature up to 5, top_k up to 50257 and top_p from 0, but the Generate view's "
+    "sliders hold 0 … 2, 0 … 200 and 0.01 … 1: a link's value outside them is put on the slider, and the "
+    "next Step (or Step ×N, candidates) is refused by Gradio ('Value 5.0 is greater than maximum value 2.')"))
 @pytest.mark.parametrize("name, raw", [("temperature", "5"), ("temperature", "2.5"), ("top_k", "50257"),
                                        ("top_k", "201"), ("top_p", "0"), ("top_p", "0.005")])
 def test_every_sampling_value_a_link_accepts_fits_its_slider(name, raw):
