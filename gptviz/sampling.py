@@ -16,6 +16,10 @@ import torch
 
 __all__ = ["sampling_distribution"]
 
+#: The ranges the app offers (its sliders, its links): temperature 0 (greedy) … 2, top-k 0 (off)
+#: … 200, top-p 0.01 … 1 (1 = off). The library itself accepts any valid value.
+TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MIN = 2.0, 200, 0.01
+
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, vocab_size: int | None = None) -> None:
     """ValueError unless ``temperature`` is a finite number >= 0, ``top_k`` None or an int in

@@ -191,7 +191,7 @@ def test_why_panel_and_the_step_selector(app, browser):
     wait_title(page, "heatmap", r"read by step 4$")
     open_accordion(page, "Why this token?", "#why-btn")
     page.click("#why-btn")
-    heading = wait_title(page, "why-plot", r"^Why “")
+    heading = wait_title(page, "why-plot", r"^Step \d+: Why “")
     page.wait_for_function("() => document.querySelector('#why-note')?.textContent.includes('Step 4')",
                            timeout=TIMEOUT_MS)
     note = page.text_content("#why-note")

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
 from gptviz.config import CONFIG_FIELDS, PRESETS, GPTConfig
+from gptviz.sampling import TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MIN
 from gptviz.settings import DTYPES, RANDOM, Settings
 from gptviz.ui.links import MAX_LINK_STEPS, TABS, View, link_query, parse_link
 from gptviz.weights import PRETRAINED_NAMES
@@ -69,8 +70,8 @@ texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=6
     steps=st.integers(0, MAX_LINK_STEPS), layer=st.none() | st.integers(0, 10_000),
     head=st.none() | st.integers(0, 10_000), weights=st.none() | st.sampled_from(sorted(WEIGHTS)),
     dtype=st.none() | st.sampled_from(list(DTYPES)),
-    temperature=st.none() | st.floats(0, 5), top_k=st.none() | st.integers(0, 50257),
-    top_p=st.none() | st.floats(0, 1), seed=st.none() | st.integers(0, 2**31 - 1),
+    temperature=st.none() | st.floats(0, TEMPERATURE_MAX), top_k=st.none() | st.integers(0, TOP_K_MAX),
+    top_p=st.none() | st.floats(TOP_P_MIN, 1), seed=st.none() | st.integers(0, 2**31 - 1),
     preset=st.none() | st.sampled_from(list(PRESETS)), heads=st.none() | texts,
 )
 def test_link_round_trip_fuzzed(**fields):
@@ -168,10 +169,6 @@ def test_values_longer_than_the_text_limit_are_cut():
     assert len(view.warnings) == 1 and "Unknown" in view.warnings[0] and len(view.warnings[0]) < 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "parse_link accepts temperature up to 5, top_k up to 50257 and top_p from 0, but the Generate view's "
-    "sliders hold 0 … 2, 0 … 200 and 0.01 … 1: a link's value outside them is put on the slider, and the "
-    "next Step (or Step ×N, candidates) is refused by Gradio ('Value 5.0 is greater than maximum value 2.')"))
 @pytest.mark.parametrize("name, raw", [("temperature", "5"), ("temperature", "2.5"), ("top_k", "50257"),
                                        ("top_k", "201"), ("top_p", "0"), ("top_p", "0.005")])
 def test_every_sampling_value_a_link_accepts_fits_its_slider(name, raw):

@@ -162,9 +162,6 @@ def test_a_sampled_walk_through_reopens_with_the_same_tokens(ctx, share):
     assert opened(share, saved, tab("a2")).step_json["ids"] == ids
 
 
-@pytest.mark.xfail(strict=True, reason="parse_link accepts top_p=0 (its range is 0 … 1) but the sampling "
-                   "settings need top_p > 0: the link's page load raises gr.Error instead of warning and "
-                   "opening the rest of the view")
 def test_a_link_with_top_p_zero_warns_instead_of_failing(share):
     with pytest.warns(UserWarning, match="top_p"):
         out = opened(share, None, tab("a", {**LINK, "temperature": "1", "top_p": "0"}))

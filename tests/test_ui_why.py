@@ -94,7 +94,7 @@ def test_a_past_step_explains_that_steps_token(ctx, views):
     baseline = out.why_other.value
     assert baseline in [c.token_id for c in r2.candidates if c.token_id != r2.token_id]
     assert f"**Step 2** chose `{label(r2.token_id)}`" in out.why_note
-    assert out.why_plot.layout.title.text.startswith(f"Why “{label(r2.token_id, None, 20)}”")
+    assert out.why_plot.layout.title.text.startswith(f"Step 2: Why “{label(r2.token_id, None, 20)}”")
     read = s.ids[:r2.position]  # the 5 tokens step 2 read (4 prompt + step 1's token)
     assert len(read) == 5
     assert waterfall_total(out.why_plot) == pytest.approx(logit_diff(s.model, read, r2.token_id, baseline), abs=1e-3)

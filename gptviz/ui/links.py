@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from urllib.parse import urlencode
 
 from ..config import CONFIG_FIELDS, PRESETS, GPTConfig, config_from_fields
+from ..sampling import TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MIN
 from ..settings import DTYPES, RANDOM, Settings
 from ..weights import is_allowed_name
 
@@ -102,11 +103,11 @@ def parse_link(params: Mapping[str, str], settings: Settings) -> View:
         else:
             view.warnings.append(f"dtype={dtype[:20]!r} is not one of {', '.join(DTYPES)}: ignored.")
     if "temperature" in params:
-        view.temperature = _number(params["temperature"], float, "temperature", 0, 5, view)
+        view.temperature = _number(params["temperature"], float, "temperature", 0, TEMPERATURE_MAX, view)
     if "top_k" in params:
-        view.top_k = _number(params["top_k"], int, "top_k", 0, 50257, view)
+        view.top_k = _number(params["top_k"], int, "top_k", 0, TOP_K_MAX, view)
     if "top_p" in params:
-        view.top_p = _number(params["top_p"], float, "top_p", 0, 1, view)
+        view.top_p = _number(params["top_p"], float, "top_p", TOP_P_MIN, 1, view)
     if "seed" in params:
         view.seed = _number(params["seed"], int, "seed", 0, 2**31 - 1, view)
     preset = params.get("preset")

@@ -8,6 +8,7 @@ from typing import Any
 import gradio as gr
 
 from ..generation import GenerationSession
+from ..sampling import TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MIN
 from .serving import error
 
 DEFAULT_SEED = 123
@@ -24,12 +25,12 @@ def settings_of(temperature: Any, top_k: Any, top_p: Any, seed: Any) -> dict[str
     except (TypeError, ValueError, OverflowError):
         raise error(f"Sampling settings must be numbers, got temperature={temperature!r}, top_k={top_k!r}, "
                     f"top_p={top_p!r}, seed={seed!r}.") from None
-    if not 0 <= t <= 5:
-        raise error(f"temperature must be between 0 (greedy) and 5, got {t}.")
-    if k < 0:
-        raise error(f"top-k must be 0 (off) or more, got {k}.")
-    if not 0 < p <= 1:
-        raise error(f"top-p must be above 0 and at most 1 (1 = off), got {p}.")
+    if not 0 <= t <= TEMPERATURE_MAX:
+        raise error(f"temperature must be between 0 (greedy) and {TEMPERATURE_MAX:g}, got {t}.")
+    if not 0 <= k <= TOP_K_MAX:
+        raise error(f"top-k must be between 0 (off) and {TOP_K_MAX}, got {k}.")
+    if not TOP_P_MIN <= p <= 1:
+        raise error(f"top-p must be between {TOP_P_MIN:g} and 1 (1 = off), got {p}.")
     if not 0 <= s < 2**63:
         raise error(f"seed must be a whole number from 0, got {s}.")
     return dict(temperature=t, sample_top_k=k or None, top_p=None if p >= 1 else p, seed=s)
@@ -51,11 +52,11 @@ def build(c: dict[str, Any]) -> list[Any]:
     with gr.Accordion("Sampling: temperature, top-k, top-p (temperature 0 is the source's greedy argmax)",
                       open=False, elem_id="sampling-acc"):
         with gr.Row():
-            c["temperature"] = gr.Slider(0, 2, value=0, step=0.05, label="temperature", elem_id="temperature",
+            c["temperature"] = gr.Slider(0, TEMPERATURE_MAX, value=0, step=0.05, label="temperature", elem_id="temperature",
                                          info="0 = greedy; 1 = the model's own distribution; >1 flatter")
-            c["top_k"] = gr.Slider(0, 200, value=0, step=1, label="top-k", elem_id="top-k",
+            c["top_k"] = gr.Slider(0, TOP_K_MAX, value=0, step=1, label="top-k", elem_id="top-k",
                                    info="keep the k most probable (0 = off)")
-            c["top_p"] = gr.Slider(0.01, 1, value=1, step=0.01, label="top-p (nucleus)", elem_id="top-p",
+            c["top_p"] = gr.Slider(TOP_P_MIN, 1, value=1, step=0.01, label="top-p (nucleus)", elem_id="top-p",
                                    info="keep the smallest set holding p (1 = off)")
             c["seed"] = gr.Number(DEFAULT_SEED, label="seed", precision=0, elem_id="sample-seed", min_width=120,
                                   info="same seed, same draws")

@@ -91,8 +91,12 @@ class WhyPanel:
                    if c.token_id != r.token_id]
         shown = table[WHY_COLUMNS].round({"contribution": 5})
         return Why(note, gr.Dropdown(choices=choices, value=baseline),
-                   attribution_waterfall(table, chosen, against, height=WATERFALL_HEIGHT), shown,
+                   self._titled(attribution_waterfall(table, chosen, against, height=WATERFALL_HEIGHT), k), shown,
                    csv_file(table, f"why-step-{k}", getattr(request, "session_hash", "")))
+
+    @staticmethod
+    def _titled(fig: go.Figure, k: int) -> go.Figure:
+        return fig.update_layout(title=dict(text=f"Step {k}: {fig.layout.title.text}"))
 
     def lens_detail(self, step: Any, request: gr.Request) -> Lens:
         """The viewed step's logit lens after every sub-block: the rank and probability of the token
