@@ -149,7 +149,7 @@ def run_scenarios(url: str, pid: int, quick: bool = False) -> dict[str, Any]:
 
     def long_run(k: int) -> list[int]:
         c = client()
-        *_, data = c.predict(f"Long run {k}", 20, 0, 0, api_name="/step_n")
+        data = c.predict(f"Long run {k}", 20, 0, 0, api_name="/step_n")[4]  # the step data (same place in both)
         c.close()
         return data["ids"]
 
@@ -159,8 +159,7 @@ def run_scenarios(url: str, pid: int, quick: bool = False) -> dict[str, Any]:
     alone = []
     for k in range(8):
         c = client()
-        *_, data = c.predict(f"Long run {k}", 20, 0, 0, api_name="/step_n")
-        alone.append(data["ids"])
+        alone.append(c.predict(f"Long run {k}", 20, 0, 0, api_name="/step_n")[4]["ids"])
         c.close()
     result["stepn"] = dict(wall_s=wall, solo_tokens=together == alone)
 
@@ -246,5 +245,6 @@ def main(against: Path | None = None, quick: bool = False) -> dict[str, Any]:
         with app(checkout) as (url, pid):
             print(f"{name}: {url}", flush=True)
             results[name] = run_scenarios(url, pid, quick)
+            print(results[name], flush=True)
     print(report(results))
     return results

@@ -152,7 +152,7 @@ def sampling_figure(pieces: Sequence[str], probs: Sequence[float], sample_probs:
                       line=dict(color="#B34", width=2, dash="dash"))
         note = f"cut-off: {n_kept:,} token{'s' if n_kept != 1 else ''} may be drawn" if n_kept else "cut-off"
         fig.add_annotation(xref="paper", x=1, yref="y", y=last_kept + 0.5, text=note, showarrow=False,
-                           xanchor="right", yanchor="bottom", font=dict(size=11, color="#B34"))
+                           xanchor="right", yanchor="top", bgcolor="white", font=dict(size=11, color="#B34"))
     fig.update_layout(
         title=dict(text=title, x=0.01), height=height, barmode="overlay", **_PLAIN,
         legend=dict(orientation="h", x=0, y=-0.22, font=dict(size=11)),

@@ -118,6 +118,18 @@ SHOTS: tuple[Shot, ...] = (
     Shot("logit-lens", "Generate", actions=[("click", "#step-json-acc > button")],
          ready=[_plot_title("lens-plot", f"steps 1–{STEPS}"), _has_text("step-json", "last_step")],
          frame="#lens-plot", whole=["#lens-plot"]),
+    # "Why this token?" for the sixth step: the exact split of its logit difference, lens lines, saliency.
+    Shot("why", "Generate", actions=[("click", "#step-json-acc > button"), ("click", "#why-acc > button"),
+                                     ("click", "#why-btn")],
+         ready=[_plot_title("why-plot", f"Step {STEPS}:"), _has_text("why-note", f"Step {STEPS}"),
+                _plot_title("lens-lines", f"Step {STEPS}"), _plot_title("saliency-plot", "Saliency")],
+         frame="#why-acc", whole=["#why-note", "#why-plot"]),
+    Shot("head-roles", "Generate", actions=[("click", "#why-acc > button"), ("click", "#atlas-acc > button")],
+         ready=[_plot_title("head-atlas", "")], frame="#atlas-acc", whole=["#head-atlas"]),
+    Shot("sampling", "Generate", actions=[("click", "#atlas-acc > button"), ("click", "#sampling-acc > button"),
+                                          *_set_slider("temperature", 1), *_set_slider("top-k", 5)],
+         ready=[_plot_title("topk-plot", "Next step (not taken yet)"), _has_text("topk-plot", "cut off")],
+         frame="#sampling-acc", whole=["#sampling-acc", "#topk-plot"]),
     # The Inside tab looks at the same session: the tokens the next step reads.
     Shot("inside-shapes", "Inside",
          ready=[_has_text("inside-about", f"the {len(_ids(PROMPT)) + STEPS} tokens"),
@@ -129,7 +141,7 @@ SHOTS: tuple[Shot, ...] = (
                 _has_text("ablate-table", "%")],
          frame="#ablate-intro", whole=["#ablate-heads", "#ablate-summary", "#ablate-table", "#ablate-plot"]),
     Shot("inside-precision", "Inside", actions=[("click", "#precision-btn")],
-         ready=[_has_text("precision-summary", "Largest logit difference"), _has_text("precision-table", "%")],
+         ready=[_has_text("precision-summary", "largest logit difference"), _has_text("precision-table", "%")],
          frame="#precision-intro", whole=["#precision-summary", "#precision-table"]),
     Shot("inside-kv-cache", "Inside", ready=[_has_text("kv-summary", "positions cached")], frame="#kv-intro",
          whole=["#kv-summary", "#kv-plot", "#kv-table"]),
@@ -145,7 +157,8 @@ SHOTS: tuple[Shot, ...] = (
                           f"{count_params(PRESETS['seed-124M'].replace(**CUSTOM_FIELDS)):,} parameters"),
                 _has_value("preset", "custom")],
          margin=16, whole=["#preset", "#params-total", "#params-chart", "#cfg-tie_weights"]),
-    Shot("model", "Model", ready=[_has_text("model-card", "seed 123")], whole=["#weights-choice", "#model-card"]),
+    Shot("model", "Model", ready=[_has_text("model-card", "seed 123"), _has_text("upload-note", "restricted")],
+         whole=["#weights-choice", "#model-card"]),
 )
 
 

@@ -9,7 +9,6 @@ import gradio as gr
 import plotly.graph_objects as go
 
 from .. import plots
-from ..formatting import percent
 from ..generation import GenerationSession
 from ..tokenizer import encode, get_encoding
 from .components import Plot, csv_button
@@ -38,7 +37,7 @@ class Main(NamedTuple):
     @classmethod
     def blank(cls, message: str) -> "Main":
         return cls(note(message), plots.empty_figure(message, height=TOPK_HEIGHT),
-                   plots.empty_figure(message, height=HEATMAP_HEIGHT), "", {}, gr.Slider(maximum=1, value=0), None)
+                   plots.empty_figure(message, height=HEATMAP_HEIGHT), "", {}, gr.update(maximum=1, value=0), None)
 
 
 class Details(NamedTuple):
@@ -114,8 +113,7 @@ class GenerateView(StepPictures):
             s = self.session(v, prompt)
             sampling.apply(s, settings)
             d = s.next_distribution()
-        what = "takes the most probable" if d.greedy else f"draws from {d.n_kept:,} tokens ({percent(d.kept_mass)} " \
-            "of the model's probability)"
+        what = "takes the most probable" if d.greedy else f"draws from {d.n_kept:,} tokens"
         return self._candidates_figure(d.candidates, f"Next step (not taken yet): the model {what}", None, d.n_kept,
                                        d.greedy)
 
@@ -227,6 +225,8 @@ class GenerateView(StepPictures):
                                      info="editing the prompt starts a new session at the next Step")
             c["n_steps"] = gr.Slider(1, s.max_steps_per_click, value=8, step=1, label="N for Step ×N", scale=2,
                                      elem_id="stepn-count")
+            c["view_step"] = gr.Slider(0, 1, value=0, step=1, label="Viewing step (0 = the prompt)", scale=2,
+                                       elem_id="view-step", info="go back to any past step: every view follows")
         with gr.Row():
             c["step_btn"] = gr.Button("Step", variant="primary", elem_id="step-btn")
             c["stepn_btn"] = gr.Button("Step ×N", elem_id="stepn-btn")
@@ -238,8 +238,6 @@ class GenerateView(StepPictures):
                 preview = chips_html(encode(DEFAULT_PROMPT), limit=s.max_chips) + \
                     '<div class="legend">the prompt, as tokens · press Step to generate the next one</div>'
                 c["gen_text"] = gr.HTML(preview, elem_id="gen-text", padding=True, min_height=120)
-                c["view_step"] = gr.Slider(0, 1, value=0, step=1, label="Viewing step (0 = the prompt)",
-                                           elem_id="view-step", info="go back to any past step: every view follows")
                 c["kv"] = gr.Markdown(main.kv, elem_id="kv-readout")
             with gr.Column(scale=2):
                 c["topk"] = Plot(main.topk, show_label=False, elem_id="topk-plot")

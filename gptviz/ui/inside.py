@@ -343,12 +343,12 @@ class InsideView:
         gr.Markdown("### Precision: float32, bfloat16 and float16\nThe same next-token prediction from the model and "
                     "from a bfloat16 and a float16 copy of it (one copy each per shared model, made on first use).",
                     elem_id="precision-intro")
+        c["precision_btn"] = gr.Button("Compare float32, bfloat16 and float16", variant="primary",
+                                       elem_id="precision-btn")
         with gr.Row():
-            with gr.Column(scale=4):
-                c["precision_btn"] = gr.Button("Compare float32, bfloat16 and float16", variant="primary",
-                                               elem_id="precision-btn")
-                c["precision_summary"] = gr.HTML("", elem_id="precision-summary")
             with gr.Column(scale=5):
+                c["precision_summary"] = gr.HTML("", elem_id="precision-summary")
+            with gr.Column(scale=6):
                 c["precision_table"] = gr.Dataframe(pd.DataFrame(columns=pair_columns("float32", "bfloat16")),
                                                     interactive=False, show_label=False, elem_id="precision-table",
                                                     elem_classes="compact", wrap=True, buttons=[])

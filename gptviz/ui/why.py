@@ -25,7 +25,7 @@ from .html import chips_html, esc, md_code
 from .outputs import components
 from .serving import AppContext, Turns, Visitor, error
 
-WATERFALL_HEIGHT, SALIENCY_HEIGHT, LENS_LINES_HEIGHT = 520, 300, 380
+WATERFALL_HEIGHT, SALIENCY_HEIGHT, LENS_LINES_HEIGHT = 460, 300, 380
 WHY_COLUMNS = ["component", "kind", "contribution"]
 RANDOM_NOTE = ("These are random weights (seed 123): the split is exact, but no head has learned a job yet, so the "
                "pieces are noise of similar size. Load gpt2 on the Model tab to see heads that matter.")
