@@ -32,6 +32,7 @@ from .. import plots
 from ..heads import ROLES, cached_head_roles
 from ..model import GPTModel
 from ..plots_heads import ROLE_LABELS, head_roles_figure
+from .components import Plot, csv_button, csv_file
 from .step_view import THRESHOLD, role_note  # noqa: F401 (role_note: the atlas's public helper)
 from .generate import GenerateView
 from .outputs import components, skip
@@ -112,6 +113,7 @@ class Atlas(NamedTuple):
 
     atlas: go.Figure
     atlas_top: str
+    atlas_csv: str  # every head's scores, as CSV
 
 
 class Jump(NamedTuple):
@@ -166,7 +168,8 @@ class AtlasView:
                 df = cached_head_roles(model)
             except ValueError as e:  # e.g. a context too short for the probe
                 raise error(f"Could not measure the heads of {v.spec.label}: {e}") from None
-        return Atlas(head_roles_figure(df, role), _top_line(df, role, v.spec.label))
+        return Atlas(head_roles_figure(df, role), _top_line(df, role, v.spec.label),
+                     csv_file(df, "head-roles", getattr(request, "session_hash", "")))
 
     def jump(self, text: str, request: gr.Request, step: Any = None) -> Jump:
         """A cell of the atlas was clicked (``"layer,head"``): move the Generate view's block and head
@@ -192,9 +195,10 @@ class AtlasView:
             gr.Markdown(INTRO, elem_id="atlas-intro")
             c["atlas_role"] = gr.Radio([(ROLE_LABELS[r], r) for r in ROLES], value=DEFAULT_ROLE, label="Role",
                                        elem_id="atlas-role")
-            c["atlas"] = gr.Plot(plots.empty_figure(CLOSED_MESSAGE, height=300), show_label=False,
+            c["atlas"] = Plot(plots.empty_figure(CLOSED_MESSAGE, height=300), show_label=False,
                                  elem_id="head-atlas")
             c["atlas_top"] = gr.Markdown("", elem_id="atlas-top")
+            c["atlas_csv"] = csv_button("atlas-csv")
             gr.Markdown(SINK_NOTE, elem_id="atlas-sink")
             c["atlas_click"] = gr.Textbox("", visible="hidden", elem_id="atlas-click", show_label=False)
         return c
