@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from .. import plots
 from ..generation import GenerationSession
 from ..tokenizer import encode, get_encoding
-from .components import Plot, csv_button
+from .components import Plot
 from .html import chips_html, note
 from .inputs import index, prompt_ids
 from .outputs import components, skip
@@ -32,12 +32,11 @@ class Main(NamedTuple):
     kv: str
     step_json: dict
     view_step: Any  # the step selector: after an action, at the newest step
-    cand_csv: str | None  # the viewed step's candidates as CSV
 
     @classmethod
     def blank(cls, message: str) -> "Main":
         return cls(note(message), plots.empty_figure(message, height=TOPK_HEIGHT),
-                   plots.empty_figure(message, height=HEATMAP_HEIGHT), "", {}, gr.update(maximum=1, value=0), None)
+                   plots.empty_figure(message, height=HEATMAP_HEIGHT), "", {}, gr.update(maximum=1, value=0))
 
 
 class Details(NamedTuple):
@@ -130,7 +129,7 @@ class GenerateView(StepPictures):
         selector = gr.Slider(maximum=max(1, len(s.steps)), value=k) if step is None else gr.skip()
         a = self._attention(s, layer, k, v.value_weighted)
         return Main(self._text_html(s, k), self._topk_figure(s, k), self._heatmap(a, head, s.model),
-                    self._kv_readout(s, k), self.step_data(v, k), selector, self._candidates_csv(s, k))
+                    self._kv_readout(s, k), self.step_data(v, k), selector)
 
     # --------------------------------------------------------------- handlers (events)
     def step(self, prompt: str, layer: Any, head: Any, temperature: Any = 0, top_k: Any = 0, top_p: Any = 1,
@@ -159,6 +158,14 @@ class GenerateView(StepPictures):
                 self.step_once(v, prompt, settings)
                 view = self.main_view(v, layer, head)
             yield view
+
+    def candidates_csv(self, step: Any, request: gr.Request) -> str | None:
+        """The viewed step's candidates (id, piece, probability, drawn with, may be drawn) as a CSV file."""
+        v = self.ctx.visitor(request)
+        with v.lock:
+            if v.session is None or not v.session.steps:
+                raise error("Press Step first: the candidates belong to a step.")
+            return self._candidates_csv(v.session, self.viewed(v.session, step), request.session_hash)
 
     def undo(self, layer: Any, head: Any, request: gr.Request) -> Main:
         """Remove the last generated token (a warning, nothing else, at the start)."""
@@ -241,7 +248,10 @@ class GenerateView(StepPictures):
                 c["kv"] = gr.Markdown(main.kv, elem_id="kv-readout")
             with gr.Column(scale=2):
                 c["topk"] = Plot(main.topk, show_label=False, elem_id="topk-plot")
-                c["cand_csv"] = csv_button("candidates-csv")
+                with gr.Row():  # made on demand: writing a file at every Step costs ~50 ms of it
+                    c["cand_csv_btn"] = gr.Button("⬇ candidates as CSV", size="sm", scale=0, min_width=200,
+                                                  elem_id="candidates-csv-btn")
+                    c["cand_csv"] = gr.File(show_label=False, interactive=False, height=60, elem_id="candidates-csv")
         with gr.Row():
             c["layer"] = gr.Slider(0, max(1, n_layers - 1), value=0, step=1, label="Block (layer)",
                                    elem_id="layer-slider")
@@ -283,5 +293,7 @@ class GenerateView(StepPictures):
               components(Heads, c), api_name="attention", trigger_mode="always_last", **event)
         c["value_weighted"].input(ctx.turns(self.weighting), [c["value_weighted"], c["layer"], c["head"], c["view_step"]],
                                   components(Heads, c), api_name="value_weighted", **event)
+        c["cand_csv_btn"].click(self.candidates_csv, c["view_step"], c["cand_csv"], api_name="candidates_csv",
+                                show_progress="hidden")
         c["view_step"].input(ctx.turns(self.view), [c["view_step"], c["layer"], c["head"]], main, api_name="view_step",
                              trigger_mode="always_last", **event).success(**after)

@@ -218,11 +218,11 @@ class StepPictures:
         return data
 
     @staticmethod
-    def _candidates_csv(s: GenerationSession, k: int) -> str | None:
+    def _candidates_csv(s: GenerationSession, k: int, owner: str = "") -> str | None:
         if not k:
             return None
         r = s.steps[k - 1]
         table = pd.DataFrame([dict(rank=n + 1, id=c.token_id, piece=c.piece, probability=c.prob,
                                    drawn_with=c.sample_prob, may_be_drawn=c.kept, chosen=c.token_id == r.token_id)
                               for n, c in enumerate(r.candidates)])
-        return csv_file(table, f"candidates-step-{k}", str(id(s)))
+        return csv_file(table, f"candidates-step-{k}", owner)
