@@ -113,6 +113,18 @@ class SessionReads:
 
 
     # --- observation
+    def _window(self, layer: int, window: int | None) -> tuple[int, int, int]:
+        """(start, end, w): :attr:`context_span` and the ``window`` (default ``attn_window``) of it
+        shown, after checking ``layer`` and ``window``."""
+        n_layers = self.model.cfg.n_layers
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"layer must be between 0 and {n_layers - 1}, got {layer}")
+        window = self.attn_window if window is None else window
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        start, end = self.context_span
+        return start, end, min(window, end - start)
+
     def attention(self, layer: int, window: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """Attention weights of `layer` over the last `window` tokens (default attn_window) of
         the current sequence: ``(n_heads, W, W)`` (row = query, column = key, causal) and the
@@ -122,14 +134,7 @@ class SessionReads:
         ``attn_window`` come from the kept rows (re-read only if undo went past them);
         larger ones are recomputed with one forward pass. Returned as float32 on the CPU.
         """
-        n_layers = self.model.cfg.n_layers
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer must be between 0 and {n_layers - 1}, got {layer}")
-        window = self.attn_window if window is None else window
-        if window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
-        start, end = self.context_span
-        w = min(window, end - start)
+        start, end, w = self._window(layer, window)
         if w > self.attn_window:  # recompute path
             _require_eval(self.model)
             trace = Trace(("attn_weights",), layers=[layer], last_rows=w)
@@ -182,14 +187,7 @@ class SessionReads:
         context fits: free); otherwise one forward pass over :attr:`context_span` recording only
         that layer's values (``Trace(VALUES)``), the cost of a prefill of the context.
         """
-        n_layers = self.model.cfg.n_layers
-        if not 0 <= layer < n_layers:
-            raise ValueError(f"layer must be between 0 and {n_layers - 1}, got {layer}")
-        window = self.attn_window if window is None else window
-        if window < 1:
-            raise ValueError(f"window must be at least 1, got {window}")
-        start, end = self.context_span
-        w = min(window, end - start)
+        start, end, w = self._window(layer, window)
         cache = self._cache
         if cache is not None and start == 0 and cache.length >= end:  # the cache is for the context from 0
             v = cache.layers[layer].v[0, :, end - w : end]  # (n_heads, w, head_dim)
