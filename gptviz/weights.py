@@ -55,7 +55,6 @@ from typing import Any
 import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import silent_tqdm
-from safetensors import safe_open  # noqa: F401  (still gptviz.weights.safe_open: tests patch it)
 
 from .checkpoint_config import (GPT2_HEADS, CheckpointError, NeedsHeadsError, TooLargeError, WeightsError,
                                 WeightsSource, config_from_hf, config_from_hf_shapes, config_from_state_dict,

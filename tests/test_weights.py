@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from gptviz import GPTConfig, GPTModel, PRESETS, Trace
-from gptviz import generation, weights
+from gptviz import checkpoints, generation, weights
 from gptviz.weights import (
     PRETRAINED_NAMES,
     CheckpointError,
@@ -843,7 +843,7 @@ def test_an_upload_over_the_limit_is_refused_before_it_is_read(tmp_path, monkeyp
         raise AssertionError("an oversized upload was read")
 
     monkeypatch.setattr(torch, "load", never)
-    monkeypatch.setattr(weights, "safe_open", never)
+    monkeypatch.setattr(checkpoints, "safe_open", never)  # where uploads are read
     for name in ("big.pth", "big.safetensors"):
         (tmp_path / name).write_bytes(b"\x00" * 2000)
         too_large = r"big\.\w+: 2,000 bytes .* over the upload limit of 1,000 bytes"
