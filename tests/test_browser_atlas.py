@@ -7,23 +7,12 @@ on a loaded CPU, hence the generous timeouts."""
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
 
 import pytest
 
 from gptviz.settings import Settings
 
-CHROMIUM = os.environ.get("GPTVIZ_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-TIMEOUT_MS = 120_000
-
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI"):
-        pytest.fail(f"chromium not found at {CHROMIUM}: CI must run the browser tests", pytrace=False)
-    pytest.skip(f"chromium not found at {CHROMIUM} (install Debian's chromium)", allow_module_level=True)
+from .browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, wait_title  # fails under CI without chromium
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
@@ -42,18 +31,6 @@ def page():
             yield page
         finally:
             browser.close()
-
-
-def title(page: Page, elem_id: str) -> str:
-    return page.evaluate(f"() => document.querySelector('#{elem_id} .gtitle')?.textContent ?? ''")
-
-
-def wait_title(page: Page, elem_id: str, pattern: str) -> str:
-    page.wait_for_function(
-        """([id, pattern]) => new RegExp(pattern).test(document.querySelector(`#${id} .gtitle`)?.textContent ?? '')""",
-        arg=[elem_id, pattern], timeout=TIMEOUT_MS,
-    )
-    return title(page, elem_id)
 
 
 def slider(page: Page, elem_id: str) -> int:

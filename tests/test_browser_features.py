@@ -12,8 +12,6 @@ hence the generous timeouts."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,17 +20,10 @@ import torch
 from gptviz import GPTConfig, GPTModel
 from gptviz.settings import Settings
 
-CHROMIUM = os.environ.get("GPTVIZ_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-TIMEOUT_MS = 120_000
+from .browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, title, wait_title  # noqa: F401 (fails under CI without chromium)
+
 LINK = "/?tab=generate&prompt=Hello%2C%20I%20am&steps=6&layer=5&head=1"
 CHIPS = "#gen-text .chip[title]"
-
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI"):
-        pytest.fail(f"chromium not found at {CHROMIUM}: CI must run the browser tests", pytrace=False)
-    pytest.skip(f"chromium not found at {CHROMIUM} (install Debian's chromium)", allow_module_level=True)
 
 from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
 
@@ -67,18 +58,6 @@ def fresh_page(browser: Browser, url: str) -> Page:
 
 def base(app) -> str:
     return app.local_url.rstrip("/")
-
-
-def title(page: Page, elem_id: str) -> str:
-    return page.evaluate(f"() => document.querySelector('#{elem_id} .gtitle')?.textContent ?? ''")
-
-
-def wait_title(page: Page, elem_id: str, pattern: str) -> str:
-    page.wait_for_function(
-        """([id, pattern]) => new RegExp(pattern).test(document.querySelector(`#${id} .gtitle`)?.textContent ?? '')""",
-        arg=[elem_id, pattern], timeout=TIMEOUT_MS,
-    )
-    return title(page, elem_id)
 
 
 def wait_chips(page: Page, n: int) -> None:
