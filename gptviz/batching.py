@@ -27,12 +27,7 @@ def lens_top1(model: GPTModel, residuals: torch.Tensor) -> tuple[list[int], list
     ``(n, emb)``: one product with the output head for all rows (the head is the largest matrix
     of the model; reading it once for every block, and every visitor of a batch, is the point)."""
     with torch.inference_mode():
-        normed = model.final_norm(residuals)  # (n, emb)
-        weight = model.out_head.weight  # (vocab, emb)
-        if weight.is_contiguous():  # NEW (speed): (W @ xᵀ)ᵀ for a few rows against the (vocab, emb) head,
-            logits = (weight @ normed.T).T.float()  # ~1.7× faster than F.linear on CPU (benchmark --lens)
-        else:
-            logits = model.out_head(normed).float()  # (n, vocab)
+        logits = model.logit_lens(residuals).float()  # (n, vocab): one product with the head for all rows
         top = logits.max(dim=-1)
         probs = torch.exp(top.values - torch.logsumexp(logits, dim=-1))  # softmax at the top-1
     return top.indices.tolist(), probs.tolist()

@@ -23,9 +23,11 @@ round in turns (so load on a shared machine hits them alike), p50 ms per token a
 to transformers' float32 decode of the same rounds:
 
 * gptviz session step (attention recorded, top-10) in float32, float16 and bfloat16;
-* the same step in float32 with the **plain layout** (every weight a contiguous (out, in)
-  ``nn.Linear`` matrix of its own, so the three projections run unfused): the speed-up of
-  :meth:`~gptviz.model.GPTModel.optimize_layout_` as a same-run ratio;
+* the same step in float32 with the **book's layout and kernels** (every weight a contiguous
+  (out, in) ``nn.Linear`` matrix of its own, so the three projections run unfused, and every
+  product through ``F.linear``, :func:`~gptviz.model.book_kernels`): the speed-up of
+  :func:`~gptviz.model.linear` and :meth:`~gptviz.model.GPTModel.optimize_layout_` as a
+  same-run ratio;
 * :func:`~gptviz.generation.generate_greedy` in float32 (ms between consecutive forward
   calls);
 * transformers' ``generate`` in float32 (ms between consecutive logits-processor calls), the
@@ -33,9 +35,10 @@ to transformers' float32 decode of the same rounds:
 
 transformers runs in one persistent child process that answers the parent's requests
 (its own allocator, its own model), so its rounds interleave with gptviz's.
-``--lens`` adds the logit lens product (n_layers − 1 residual rows against the head) in
-each layout and dtype; ``--layouts`` the memory bandwidth of a one-row product per weight
-shape, layout and dtype (what :meth:`~gptviz.model.GPTModel.optimize_layout_` is based on).
+``--lens`` adds the logit lens product (n_layers residual rows against the head) per kernel
+and dtype; ``--layouts`` the memory bandwidth of a one-row product per weight shape, kernel,
+layout and dtype (what :func:`~gptviz.model.linear` and
+:meth:`~gptviz.model.GPTModel.optimize_layout_` are based on).
 """
 
 from __future__ import annotations

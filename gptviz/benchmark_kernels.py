@@ -6,8 +6,9 @@ alike), the gptviz step in each dtype and layout, the lens product and weight ba
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import contextlib
 import copy
+from pathlib import Path
 import importlib.util
 import json
 import os
@@ -22,7 +23,7 @@ import torch
 
 from .config import PRESETS, GPTConfig
 from .generation import GenerationSession, generate_greedy
-from .model import GPTModel
+from .model import GPTModel, book_kernels, linear
 from .tokenizer import get_encoding
 
 
@@ -33,7 +34,8 @@ def build_model(dtype: torch.dtype = torch.float32) -> GPTModel:
 
 def plain_layout(model: GPTModel) -> GPTModel:
     """A copy of ``model`` with every weight contiguous in a buffer of its own: ``nn.Linear``'s
-    (out, in) layout, the three attention projections unfused (the book's model as built)."""
+    (out, in) layout, the three attention projections unfused (the book's model as built; run
+    it inside ``book_kernels()`` for the book's products too)."""
     plain = copy.deepcopy(model)
     with torch.no_grad():
         for p in plain.parameters():
@@ -191,7 +193,7 @@ KERNEL_ROWS = (
     ("float32", "gptviz step, float32"),
     ("float16", "gptviz step, float16"),
     ("bfloat16", "gptviz step, bfloat16"),
-    ("plain", "gptviz step, float32, plain layout"),
+    ("plain", "float32, book's layout and kernels"),
     ("greedy", "gptviz generate_greedy, float32"),
     ("hf", "transformers generate, float32"),
 )
@@ -218,7 +220,8 @@ def decode_kernels(model: GPTModel, child: Child | None, steps: int, rounds: int
         for _ in range(rounds):
             got: dict[str, list[float]] = {}
             for key, session in sessions.items():
-                records = session.step(steps)
+                with book_kernels() if key == "plain" else contextlib.nullcontext():
+                    records = session.step(steps)
                 got[key] = [r.ms for r in records if r.positions_computed == 1]
                 for _ in records:
                     session.undo()
@@ -240,29 +243,35 @@ def decode_kernels(model: GPTModel, child: Child | None, steps: int, rounds: int
 
 
 def lens_products(repeat: int = 15) -> dict[str, float]:
-    """The logit lens's product: 11 residual rows (n_layers − 1) against gpt2's 50257 × 768 head,
-    median ms, as generation.py writes it and as F.linear, in the plain and the fast layouts
-    and in float16."""
+    """The logit lens's product: 12 residual rows (one per block) against gpt2's 50257 × 768
+    head, median ms, through :func:`~gptviz.model.linear` (what generation.py runs), the forms
+    of F.linear the commit before used, and in float16."""
     torch.manual_seed(0)
     head = torch.randn(50257, 768) * 0.02  # (vocab, emb), nn.Linear's layout
-    rows = torch.randn(11, 768)
-    fast = head.t().contiguous().t()  # storage (emb, vocab): what optimize_layout_ gives in float32
+    rows = torch.randn(12, 768)
     half, rows16 = head.half(), rows.half()
-    cases = {
-        "(W @ x.T).T, W (out, in) [generation.py now]": lambda: (head @ rows.T).T.contiguous(),
-        "F.linear(x, W), W (out, in)": lambda: torch.nn.functional.linear(rows, head),
-        "(W @ x.T).T, W (in, out) storage": lambda: (fast @ rows.T).T.contiguous(),
-        "F.linear(x, W), W (in, out) storage": lambda: torch.nn.functional.linear(rows, fast),
-        "F.linear(x16, W16), float16 copy (out, in)": lambda: torch.nn.functional.linear(rows16, half).float(),
-        "(W16 @ x16.T).T, float16 copy (out, in)": lambda: (half @ rows16.T).T.float(),
-    }
-    return {name: ms(f, repeat) for name, f in cases.items()}
+    with torch.inference_mode():
+        cases = {
+            "linear(x, W): oneDNN [generation.py now]": lambda: linear(rows, head),
+            "(W @ x.T).T [the commit before]": lambda: (head @ rows.T).T.contiguous(),
+            "F.linear(x, W)": lambda: torch.nn.functional.linear(rows, head),
+            "F.linear(x16, W16), float16 copy": lambda: torch.nn.functional.linear(rows16, half).float(),
+        }
+        return {name: ms(f, repeat) for name, f in cases.items()}
+
+
+#: Columns of the bandwidth table: (label, storage layout, product).
+BANDWIDTH_COLUMNS = (
+    ("F.linear (out, in)", "(out, in)", torch.nn.functional.linear),
+    ("F.linear (in, out)", "(in, out)", torch.nn.functional.linear),
+    ("linear() (out, in)", "(out, in)", linear),
+)
 
 
 def layout_bandwidth(repeat: int = 5) -> list[dict[str, Any]]:
-    """GB/s that a one-row product ``F.linear(x, W, b)`` reads its weight at, per gpt2 weight
-    shape, dtype and storage layout; each over enough distinct matrices (>= 200 MB) that they
-    stream from memory, not from the cache."""
+    """GB/s that a one-row product reads its weight at, per gpt2 weight shape, dtype, storage
+    layout and kernel (F.linear, or :func:`~gptviz.model.linear`: oneDNN in float32); each over
+    enough distinct matrices (>= 200 MB) that they stream from memory, not from the cache."""
     shapes = {"W_query|W_key|W_value": (768, 2304), "out_proj": (768, 768), "ff.layers.0": (768, 3072),
               "ff.layers.2": (3072, 768), "out_head": (768, 50257)}  # fmt: skip
     table = []
@@ -271,14 +280,15 @@ def layout_bandwidth(repeat: int = 5) -> list[dict[str, Any]]:
             n = max(2, int(200e6 // (d_in * d_out * dtype.itemsize)))
             x, bias = torch.randn(1, 1, d_in, dtype=dtype), torch.randn(d_out, dtype=dtype)
             row: dict[str, Any] = {"weight": name, "shape (out, in)": (d_out, d_in), "dtype": str(dtype)[6:]}
-            for layout in ("(out, in)", "(in, out)"):
+            for label, layout, product in BANDWIDTH_COLUMNS:
                 ws = [torch.randn(d_out, d_in, dtype=dtype) for _ in range(n)]
                 if layout == "(in, out)":
                     ws = [w.t().contiguous().t() for w in ws]
-                for w in ws:
-                    torch.nn.functional.linear(x, w, bias)  # warm-up
-                t = ms(lambda: [torch.nn.functional.linear(x, w, bias) for w in ws], repeat) / 1e3
-                row[layout] = n * d_in * d_out * dtype.itemsize / t / 1e9
+                with torch.inference_mode():
+                    for w in ws:
+                        product(x, w, bias)  # warm-up
+                    t = ms(lambda: [product(x, w, bias) for w in ws], repeat) / 1e3
+                row[label] = n * d_in * d_out * dtype.itemsize / t / 1e9
                 del ws
             table.append(row)
     return table
@@ -306,7 +316,7 @@ def report_kernels(result: dict[str, Any]) -> list[str]:
         lines.append(f"{label:<38} " + " | ".join(cells))
     for ctx, row in kernels.items():
         lines.append(
-            f"  ctx {ctx:>4}: fast layout / plain layout (float32 step) {row['float32'] / row['plain']:.2f}; "
+            f"  ctx {ctx:>4}: float32 step / the book's layout and kernels {row['float32'] / row['plain']:.2f}; "
             f"float16 / float32 {row['float16'] / row['float32']:.2f}; bfloat16 / float32 {row['bfloat16'] / row['float32']:.2f}"
         )
     lines.append(
@@ -315,12 +325,14 @@ def report_kernels(result: dict[str, Any]) -> list[str]:
         "consecutive forward / logits-processor calls."
     )
     if "lens_products_ms" in result:
-        lines += ["", "logit lens product, 11 rows x gpt2 head (50257 x 768), median ms:"]
+        lines += ["", "logit lens product, 12 rows x gpt2 head (50257 x 768), median ms:"]
         lines += [f"  {name:<46} {v:7.2f}" for name, v in result["lens_products_ms"].items()]
     if "layout_gb_s" in result:
-        lines += ["", "one-row product F.linear(x, W, b): GB/s read, by storage layout", f"  {'weight':<22} {'(out, in)':>10} {'dtype':>9} {'(out, in)':>10} {'(in, out)':>10}"]
+        labels = [label for label, _, _ in BANDWIDTH_COLUMNS]
+        lines += ["", "one-row product x (1, in) by W: GB/s read, by kernel and storage layout"]
+        lines.append(f"  {'weight':<22} {'(out, in)':>13} {'dtype':>9} " + " ".join(f"{h:>19}" for h in labels))
         lines += [
-            f"  {r['weight']:<22} {str(r['shape (out, in)']):>10} {r['dtype']:>9} {r['(out, in)']:10.1f} {r['(in, out)']:10.1f}"
+            f"  {r['weight']:<22} {str(r['shape (out, in)']):>13} {r['dtype']:>9} " + " ".join(f"{r[h]:19.1f}" for h in labels)
             for r in result["layout_gb_s"]
         ]
     return lines

@@ -12,55 +12,98 @@ Without them, ``GPTModel(cfg)(in_idx)`` is the source's forward.
 
 Two more, for speed and half precision, also marked ``# NEW``:
 
-* **memory layout** (:meth:`GPTModel.optimize_layout_`): a generation step multiplies one
-  row by every weight matrix, so its speed is how fast the weights stream from memory, and
-  that depends on how a matrix lies in memory. ``nn.Linear`` keeps ``(out, in)``; on the CPU
-  in float32 the product reads ``W_query``/``W_key``/``W_value`` and ``ff.layers.0``
-  ~1.5× faster when their storage is ``(in, out)`` (the ``weight`` stays a
-  ``(out, in)`` view of it), while float16 is fastest in ``(out, in)``. The three attention
-  projections also share one buffer, so the attention runs them as one product. Names,
-  shapes, values, ``state_dict`` keys and parameter counts stay the book's; the results
-  agree with the plain layout to float32 rounding (different kernels sum in different orders).
+* **the product's kernel** (:class:`Linear`, :func:`linear`): a generation step multiplies
+  one row by every weight matrix, so its speed is how fast the weights stream from memory.
+  On the CPU in float32 the book's ``nn.Linear`` layers run oneDNN's inner product, which
+  reads them ~1.6x faster than ``F.linear``'s kernel; ``Linear`` is ``nn.Linear`` with that
+  kernel (same parameters, names, ``repr``). The three attention projections share one
+  buffer (:meth:`GPTModel.optimize_layout_`), so the attention runs them as one product.
+  Names, shapes, values, ``state_dict`` keys and parameter counts stay the book's; the results
+  agree with the book's kernels (:func:`book_kernels`) to float32 rounding.
 * **float16**: ``LayerNorm`` normalises in float32 and casts back (a float16 variance
   overflows at 65504); everything else runs as written.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import contextlib
+import math
+import threading
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _module
+from torch.utils.flop_counter import register_flop_formula
 
 from .config import GPTConfig
 from .kv_cache import KVCache, LayerKVCache
 from .trace import ATTN_SCORES, ATTN_WEIGHTS, CONTEXT, FF_OUT, KEYS, QUERIES, RESID_MID, RESIDUAL, VALUES, LayerTrace, Trace
 
-__all__ = ["GELU", "FeedForward", "MultiHeadAttention", "LayerNorm", "TransformerBlock", "GPTModel"]
+__all__ = ["Linear", "linear", "book_kernels", "GELU", "FeedForward", "MultiHeadAttention", "LayerNorm", "TransformerBlock", "GPTModel"]
+
+
+# --------------------------------------------------------------------------- NEW (speed): the product's kernel
+# Nothing here changes a value beyond float32 rounding: the same products, summed by another kernel.
+
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_book_kernels = threading.local()  # .on: every product through F.linear (book_kernels())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: ``x @ weight.T + bias``, weight ``(out, in)``.
+
+    On the CPU in float32 it runs oneDNN's inner product (the kernel ``torch.compile`` picks for
+    a CPU linear) instead of F.linear's MKL one: a generation step multiplies one row by every
+    weight matrix, so its speed is how fast the weights stream from memory, and oneDNN reads
+    ``nn.Linear``'s own ``(out, in)`` layout ~1.6x faster (17-22 against 11-12 GB/s for gpt2's
+    matrices; ``python -m gptviz.benchmark --layouts``); the logit lens's 12 rows against the
+    head take half the time. The same sums in another order: equal to float32 rounding.
+    F.linear wherever oneDNN has no such kernel (float16 and bfloat16 run F.linear), where
+    gradients are wanted (oneDNN's op has no backward), and inside :func:`book_kernels`.
+    """
+    if (
+        _ONEDNN_LINEAR is not None
+        and not getattr(_book_kernels, "on", False)
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and weight.is_contiguous()
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+if _ONEDNN_LINEAR is not None:  # FLOP counters (torch.utils.flop_counter) count it as F.linear's addmm
+
+    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def _linear_flops(x_shape: torch.Size, w_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
+        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]  # (rows, in) @ (in, out)
+
+
+@contextlib.contextmanager
+def book_kernels() -> Iterator[None]:
+    """Within it (this thread), every product runs through F.linear, as the book's model does:
+    the reference that :func:`linear`'s kernel is measured and tested against."""
+    before = getattr(_book_kernels, "on", False)
+    _book_kernels.on = True
+    try:
+        yield
+    finally:
+        _book_kernels.on = before
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, names, ``repr`` and ``state_dict``) whose product is
+    :func:`linear`: the book's layers with a faster kernel on the CPU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def _ignore(name: str, tensor: torch.Tensor) -> None:
     """Stands in for ``trace.record`` when nothing is traced."""
-
-
-# --------------------------------------------------------------------------- NEW (speed): memory layout
-# Nothing here changes a value: a layout is where the same numbers lie in memory.
-
-
-def _in_out_fastest(weight: torch.Tensor) -> bool:
-    """Whether a one-row product reads this weight fastest stored ``(in, out)``: measured on
-    the CPU in float32 (``python -m gptviz.benchmark --layouts``); float16 and bfloat16 (and
-    other devices) read ``nn.Linear``'s ``(out, in)`` as fast or faster."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32
-
-
-def _store(weight: torch.Tensor, in_out: bool) -> torch.Tensor:
-    """``weight`` (out, in) with its storage (in, out) (``in_out``) or (out, in): same values."""
-    if in_out:
-        return weight if weight.t().is_contiguous() else weight.t().contiguous().t()
-    return weight if weight.is_contiguous() else weight.contiguous()
 
 
 def _hooked(*modules: nn.Module) -> bool:
@@ -71,46 +114,35 @@ def _hooked(*modules: nn.Module) -> bool:
 
 
 def _joined(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """The one tensor that ``parts`` are consecutive pieces of (along dim 0), as a view of
-    their shared storage; None when they do not lie that way."""
+    """The one contiguous tensor that ``parts`` are consecutive row blocks of (along dim 0), as
+    a view of their shared storage; None when they do not lie that way."""
     first = parts[0]
-    if first is None or any(p is None for p in parts):
+    if first is None or any(p is None for p in parts) or not first.is_contiguous():
         return None
-    n = first.shape[0]
-    step = n * first.stride(0)
+    step = first.numel()
     storage = first.untyped_storage().data_ptr()
     for i, p in enumerate(parts):
         if (
             p.shape != first.shape
-            or p.stride() != first.stride()
+            or not p.is_contiguous()
             or p.storage_offset() != first.storage_offset() + i * step
             or p.untyped_storage().data_ptr() != storage
         ):
             return None
-    # Only the two layouts _fuse makes (rows, or (in, out) columns): their pieces cannot overlap.
-    if first.dim() == 2 and first.stride() not in ((first.shape[1], 1), (1, len(parts) * n)):
-        return None
-    if first.dim() == 1 and first.stride() != (1,):
-        return None
-    return first.as_strided((len(parts) * n, *first.shape[1:]), first.stride())
+    return first.as_strided((len(parts) * first.shape[0], *first.shape[1:]), first.stride())
 
 
-def _fuse(linears: list[nn.Linear], in_out: bool) -> None:
+def _fuse(linears: list[nn.Linear]) -> None:
     """Put the weights (and biases) of ``linears`` into one buffer each, stacked along ``out``:
-    each ``weight`` becomes a view of the stack, storage (in, Σout) if ``in_out`` else (Σout, in)."""
-    weights = [lin.weight for lin in linears]
-    joined = _joined(weights)
-    if joined is None or _store(joined, in_out) is not joined:
-        stack = _store(torch.cat([w.detach() for w in weights]), in_out)  # (Σout, in)
-        n = weights[0].shape[0]
-        for i, w in enumerate(weights):
-            w.data = stack[i * n : (i + 1) * n]
-    biases = [lin.bias for lin in linears]
-    if biases[0] is not None and _joined(biases) is None:
-        stack = torch.cat([b.detach() for b in biases])  # (Σout,)
-        n = biases[0].shape[0]
-        for i, b in enumerate(biases):
-            b.data = stack[i * n : (i + 1) * n]
+    each ``weight`` becomes a row block (a view) of the ``(Σout, in)`` stack."""
+    for name in ("weight", "bias"):
+        parts = [getattr(lin, name) for lin in linears]
+        if parts[0] is None or _joined(parts) is not None:
+            continue
+        stack = torch.cat([p.detach().contiguous() for p in parts])  # (Σout, in) or (Σout,)
+        n = parts[0].shape[0]
+        for i, p in enumerate(parts):
+            p.data = stack[i * n : (i + 1) * n]
 
 
 def _relayout_after_load(module: "GPTModel", incompatible_keys: Any) -> None:
@@ -129,9 +161,10 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),  # (b, T, emb) -> (b, T, 4*emb)
+            Linear(cfg.emb_dim, 4 * cfg.emb_dim),  # (b, T, emb) -> (b, T, 4*emb); NEW (speed): Linear is nn.Linear
+                                                    # with a faster CPU kernel (see linear() above)
             GELU(),
-            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),  # (b, T, 4*emb) -> (b, T, emb)
+            Linear(4 * cfg.emb_dim, cfg.emb_dim),  # (b, T, 4*emb) -> (b, T, emb)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,10 +181,10 @@ class MultiHeadAttention(nn.Module):
         self.d_out = d_out
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.out_proj = nn.Linear(d_out, d_out)  # combines the heads' outputs
+        self.W_query = Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = Linear(d_out, d_out)  # combines the heads' outputs
         self.dropout = nn.Dropout(dropout)
         # True above the diagonal: a query may not look at later keys.
         self.register_buffer(
@@ -211,13 +244,11 @@ class MultiHeadAttention(nn.Module):
         return context_vec
 
     # NEW (speed): W_query, W_key and W_value as one product --------------------------------
-    def fuse_qkv_(self, in_out: bool | None = None) -> "MultiHeadAttention":
-        """Put ``W_query``, ``W_key`` and ``W_value`` into one buffer (their weights become views
-        of it: values, names and shapes unchanged), storage ``(d_in, 3·d_out)`` if ``in_out``
-        (default: where that is fastest) else ``(3·d_out, d_in)``. Idempotent."""
-        in_out = _in_out_fastest(self.W_query.weight) if in_out is None else in_out
+    def fuse_qkv_(self) -> "MultiHeadAttention":
+        """Put ``W_query``, ``W_key`` and ``W_value`` into one ``(3·d_out, d_in)`` buffer (their
+        weights become row blocks of it: values, names and shapes unchanged). Idempotent."""
         with torch.no_grad():
-            _fuse([self.W_query, self.W_key, self.W_value], in_out)
+            _fuse([self.W_query, self.W_key, self.W_value])
         return self
 
     def _fused_qkv(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -235,7 +266,7 @@ class MultiHeadAttention(nn.Module):
             bias = _joined([lin.bias for lin in linears])
             if bias is None:
                 bias = torch.cat([lin.bias for lin in linears])
-        return F.linear(x, weight, bias)  # (b, T, 3·d_out)
+        return linear(x, weight, bias)  # (b, T, 3·d_out)
 
 
 class LayerNorm(nn.Module):
@@ -312,7 +343,7 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
 
         self.final_norm = LayerNorm(cfg.emb_dim)
-        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:  # GPT-2's weight tying: one Parameter for both
             self.out_head.weight = self.tok_emb.weight
         self.optimize_layout_()  # NEW (speed): the fastest memory layout, same numbers
@@ -374,8 +405,10 @@ class GPTModel(nn.Module):
 
     # NEW (speed) -------------------------------------------------------------------------
     def optimize_layout_(self) -> "GPTModel":
-        """Store the weights in the memory layout a step reads fastest on their device and dtype
-        (see the module docstring); values, names, shapes and tying unchanged. Idempotent.
+        """Store the weights as a step reads them fastest: every matrix contiguous in
+        ``nn.Linear``'s ``(out, in)`` (what :func:`linear`'s kernel reads fastest, also in float16
+        and bfloat16), ``W_query``/``W_key``/``W_value`` in one buffer (one product); values,
+        names, shapes and tying unchanged. Idempotent.
 
         Runs by itself after ``GPTModel(cfg)``, ``load_state_dict`` (also with ``assign=True``)
         and ``.to(...)``/``.half()``/``.cuda()``; call it after replacing a Parameter by hand.
@@ -390,14 +423,9 @@ class GPTModel(nn.Module):
                     self.out_head.weight = self.tok_emb.weight  # assign=True made two Parameters of one tensor
             for block in self.trf_blocks:
                 block.att.fuse_qkv_()
-                for lin in (block.att.out_proj, block.ff.layers[2]):  # (out, in) is as fast or faster
-                    lin.weight.data = _store(lin.weight, in_out=False)
-                lin = block.ff.layers[0]  # emb -> 4·emb
-                lin.weight.data = _store(lin.weight, _in_out_fastest(lin.weight))
-            # The head stays (out, in), even though a one-row product reads it ~1.6x faster stored
-            # (in, out): the logit lens multiplies it with n_layers rows, which that layout makes
-            # 2.3x (F.linear) to 12x (W @ x.T) slower (python -m gptviz.benchmark --lens).
-            self.out_head.weight.data = _store(self.out_head.weight, in_out=False)
+                for lin in (block.att.out_proj, block.ff.layers[0], block.ff.layers[2]):
+                    lin.weight.data = lin.weight.contiguous()
+            self.out_head.weight.data = self.out_head.weight.contiguous()
         return self
 
     def _apply(self, fn: Any, recurse: bool = True) -> "GPTModel":

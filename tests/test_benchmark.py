@@ -6,6 +6,7 @@ import torch
 
 from gptviz import GPTConfig, GPTModel
 from gptviz import benchmark as b
+from gptviz.model import book_kernels
 
 
 def small_model() -> GPTModel:
@@ -18,16 +19,19 @@ def test_plain_layout_is_the_book_layout_with_the_same_numbers():
     model = small_model()
     plain = b.plain_layout(model)
     assert all(p.is_contiguous() for p in plain.parameters())
-    assert not all(p.is_contiguous() for p in model.parameters())  # the model itself keeps its fast layout
     att = plain.trf_blocks[0].att
+    fused = model.trf_blocks[0].att
+    assert fused.W_key.weight.untyped_storage().data_ptr() == fused.W_query.weight.untyped_storage().data_ptr()
     assert att.W_key.weight.untyped_storage().data_ptr() != att.W_query.weight.untyped_storage().data_ptr()
     with torch.no_grad():
         assert att._fused_qkv(torch.zeros(1, 1, 32)) is None  # unfused: each projection is its own product
     assert plain.out_head.weight is plain.tok_emb.weight  # tying survives
     idx = torch.randint(0, 97, (1, 12))
     with torch.no_grad():
+        with book_kernels():
+            book = plain(idx)
         # float32, other kernels and summation orders: a few ulps of O(1) logits.
-        torch.testing.assert_close(plain(idx), model(idx), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(book, model(idx), atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_decode_ms_times_each_cached_step_and_leaves_no_hook():
@@ -61,4 +65,4 @@ def test_kernel_report_prints_every_row_with_its_ratio():
     assert "0.50x" in text  # float32: 10 ms against transformers' 20 ms (p50, and min: 5 against 10)
     assert "    5.0  0.50x" in text
     assert "(0.40-0.60)" in text
-    assert "fast layout / plain layout (float32 step) 0.77" in text  # 10 / 13
+    assert "float32 step / the book's layout and kernels 0.77" in text  # 10 / 13

@@ -1,12 +1,16 @@
 import copy
 import math
+import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+import gptviz.model as model_module
 from gptviz import PRESETS, GPTConfig, GPTModel, KVCache, Trace, select_device
-from gptviz.model import GELU, LayerNorm, MultiHeadAttention
+from gptviz.model import GELU, LayerNorm, MultiHeadAttention, book_kernels, linear
 from gptviz.params import count_params
 
 from .conftest import assert_clear_top1
@@ -274,6 +278,56 @@ def test_model_runs_on_the_selected_device(tiny_cfg):
     torch.testing.assert_close(step, full[:, 4:], atol=1e-4, rtol=0)
 
 
+# --------------------------------------------------------------------------- NEW (speed): the product's kernel
+
+
+def test_x86_builds_run_the_onednn_kernel():
+    # The speed path must be what CI measures and tests on x86, not a silent fallback.
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert model_module._ONEDNN_LINEAR is not None
+
+
+# F.linear's MKL kernel and oneDNN's sum the same products in other orders: a few ulps of
+# O(1) results from up to 300-term dot products of O(1) values; 1e-5 is safe and 1e-3 would
+# catch any wrong element.
+KERNEL_TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    lead=st.sampled_from([(), (1,), (3,)]),
+    d_in=st.integers(1, 300),
+    d_out=st.integers(1, 70),
+    bias=st.booleans(),
+    sliced=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_equals_f_linear(rows, lead, d_in, d_out, bias, sliced, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, rows + sliced, d_in, generator=g)[..., int(sliced) :, :]  # maybe not contiguous
+    w = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+    b = torch.randn(d_out, generator=g) if bias else None
+    with torch.no_grad():
+        got = linear(x, w, b)
+        with book_kernels():
+            book = linear(x, w, b)
+    expected = F.linear(x, w, b)
+    assert torch.equal(book, expected)  # book_kernels(): F.linear itself, the same kernel both sides
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, **KERNEL_TOL)
+
+
+def test_linear_keeps_gradients():
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    w = torch.randn(5, 8, requires_grad=True)
+    y = linear(x, w)
+    assert y.grad_fn is not None  # F.linear's path: oneDNN's op has no backward
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(2, 3, 8))
+    torch.testing.assert_close(w.grad, x.detach().sum((0, 1)).expand(5, 8))
+
+
 # --------------------------------------------------------------------------- NEW (speed): memory layout
 
 
@@ -295,6 +349,18 @@ def fused(att: MultiHeadAttention, dtype: torch.dtype = torch.float32) -> bool:
 
 def is_plain(model: GPTModel) -> bool:
     return all(p.is_contiguous() for p in model.parameters()) and not any(fused(b.att) for b in model.trf_blocks)
+
+
+def as_book(model: GPTModel) -> GPTModel:
+    """``model``, its forward run with the book's kernels (F.linear for every product)."""
+    forward = model.forward
+
+    def book_forward(*args, **kwargs):
+        with book_kernels():
+            return forward(*args, **kwargs)
+
+    model.forward = book_forward
+    return model
 
 
 def wiggled(cfg: GPTConfig, seed: int = 0) -> GPTModel:
@@ -323,11 +389,14 @@ def test_fast_layout_gives_the_plain_layouts_logits(qkv_bias, tie):
     assert is_plain(plain) and not is_plain(model)  # both layouts really differ
     att = model.trf_blocks[0].att
     assert fused(att)  # the fused product is taken
-    assert att.W_query.weight.stride() == (1, 3 * 48)  # float32 on the CPU: (in, 3·out) storage
-    assert model.out_head.weight.is_contiguous() and (model.out_head.weight is model.tok_emb.weight) == tie
-    assert model.trf_blocks[0].ff.layers[0].weight.t().is_contiguous()
+    # the three projections are row blocks of one (3·out, in) buffer, each (out, in) contiguous
+    assert att.W_key.weight.data_ptr() == att.W_query.weight.data_ptr() + 48 * 48 * 4
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert (model.out_head.weight is model.tok_emb.weight) == tie
     idx = torch.randint(0, 211, (2, 30))
     heads = torch.ones(3, 4).index_fill_(1, torch.tensor([1]), 0)  # one head off in every layer
+    # the reference: the book's layout and the book's kernels (F.linear for every product)
+    as_book(plain)
     with torch.no_grad():
         torch.testing.assert_close(model(idx), plain(idx), **LAYOUT_TOL)
         torch.testing.assert_close(model(idx, head_mask=heads), plain(idx, head_mask=heads), **LAYOUT_TOL)
@@ -435,12 +504,12 @@ def test_dtype_conversion_and_copies_keep_a_fitting_layout(dtype):
     model = wiggled(layout_cfg(True, True))
     low = copy.deepcopy(model).to(dtype)
     att = low.trf_blocks[0].att
-    # float16/bfloat16 read nn.Linear's (out, in) fastest: rows, still one qkv buffer
+    # every dtype reads nn.Linear's (out, in) fastest: rows, still one qkv buffer
     assert att.W_query.weight.is_contiguous() and low.out_head.weight.is_contiguous()
     assert fused(att, dtype)
     assert low.out_head.weight is low.tok_emb.weight and low.dtype == dtype
     back = copy.deepcopy(low).float()
-    assert not is_plain(back) and back.trf_blocks[0].att.W_query.weight.stride() == (1, 3 * 48)
+    assert not is_plain(back) and fused(back.trf_blocks[0].att)
     assert model.dtype == torch.float32 and not is_plain(model)  # the original is untouched
 
 
