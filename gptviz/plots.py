@@ -64,21 +64,18 @@ def params_figure(cfg: GPTConfig | Mapping[str, Any], height: int = 600) -> go.F
         if cfg.tie_weights
         else f"output head not tied: its own {head:,} parameters, as many as tok_emb"
     )
-    fig = go.Figure(
+    return go.Figure(
         go.Treemap(
             ids=ids, labels=labels, parents=parents, values=values, branchvalues="total",
             marker=dict(colors=colors, line=dict(width=1, color="white")),
             hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
             texttemplate="<b>%{label}</b><br>%{value:,}<br>%{percentRoot:.1%}",
             pathbar=dict(visible=True), sort=False,
-        )
-    )
-    fig.update_layout(
+        ), layout=dict(
         title=dict(text=f"Where the {total:,} parameters live", subtitle=dict(text=subtitle), x=0.01),
         height=height, margin=dict(l=8, r=8, t=70, b=8), uniformtext=dict(minsize=11, mode="hide"),
         font=dict(size=13),
-    )
-    return fig
+    ))
 
 
 # --- generation
@@ -103,11 +100,11 @@ def _text_px(labels: Sequence[str], size: int) -> int:
 
 def empty_figure(message: str, height: int = 360) -> go.Figure:
     """A blank figure carrying a message (placeholder before anything is computed)."""
-    fig = go.Figure()
-    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=15))
-    fig.update_layout(height=height, xaxis=dict(visible=False), yaxis=dict(visible=False),
-                      margin=dict(l=10, r=10, t=30, b=10), **_PLAIN)
-    return fig
+    return go.Figure(layout=dict(
+        annotations=[dict(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=15))],
+        height=height, xaxis=dict(visible=False), yaxis=dict(visible=False), margin=dict(l=10, r=10, t=30, b=10),
+        **_PLAIN,
+    ))
 
 
 def topk_figure(pieces: Sequence[str], probs: Sequence[float], ids: Sequence[int], *, chosen: int = 0,
@@ -115,19 +112,17 @@ def topk_figure(pieces: Sequence[str], probs: Sequence[float], ids: Sequence[int
     """Horizontal bars of the top-k next tokens, most probable on top; bar ``chosen`` highlighted."""
     labels = [f"{p}  ({i})" for p, i in zip(pieces, ids)]  # ids make labels unique
     colors = ["#E45756" if k == chosen else "#4C78A8" for k in range(len(labels))]
-    fig = go.Figure(go.Bar(
+    return go.Figure(go.Bar(
         x=list(probs), y=labels, orientation="h", marker_color=colors,
         text=[percent(p) for p in probs], textposition="outside", cliponaxis=False,
         hovertemplate="%{y}<br>probability %{x:.4f}<extra></extra>",
-    ))
-    fig.update_layout(
+    ), layout=dict(
         title=dict(text=title, x=0.01), height=height, **_PLAIN,
         margin=dict(l=16 + _text_px(labels, 13), r=70, t=50, b=50),
         xaxis=dict(_FIXED, title="probability (softmax over the vocabulary)", tickformat=".3~%", rangemode="tozero",
                    gridcolor=_GRID, zerolinecolor=_GRID),
         yaxis=dict(_FIXED, autorange="reversed", type="category"),
-    )
-    return fig
+    ))
 
 
 def sampling_figure(pieces: Sequence[str], probs: Sequence[float], sample_probs: Sequence[float],
@@ -138,30 +133,30 @@ def sampling_figure(pieces: Sequence[str], probs: Sequence[float], sample_probs:
     cut-off drawn under the last candidate that may be drawn; bar ``chosen`` (if any) highlighted."""
     labels = [f"{p}  ({i})" for p, i in zip(pieces, ids)]
     solid = ["#E45756" if k == chosen else ("#4C78A8" if ok else "#C7CCD6") for k, ok in enumerate(kept)]
-    fig = go.Figure([
+    last_kept = max((k for k, ok in enumerate(kept) if ok), default=None)
+    shapes, notes = [], []
+    if last_kept is not None and last_kept < len(labels) - 1:
+        shapes.append(dict(type="line", xref="paper", x0=0, x1=1, yref="y", y0=last_kept + 0.5, y1=last_kept + 0.5,
+                           line=dict(color="#B34", width=2, dash="dash")))
+        note = f"cut-off: {n_kept:,} token{'s' if n_kept != 1 else ''} may be drawn" if n_kept else "cut-off"
+        notes.append(dict(xref="paper", x=1, yref="y", y=last_kept + 0.5, text=note, showarrow=False,
+                          xanchor="right", yanchor="top", bgcolor="white", font=dict(size=11, color="#B34")))
+    return go.Figure([
         go.Bar(x=list(probs), y=labels, orientation="h", name="model's softmax", marker_color="#D5DEEA",
                hovertemplate="%{y}<br>softmax %{x:.4f}<extra></extra>"),
         go.Bar(x=[q if ok else 0 for q, ok in zip(sample_probs, kept)], y=labels, orientation="h",
                name="after temperature and cut-offs", marker_color=solid, width=0.45,
                text=[percent(q) if ok else "cut off" for q, ok in zip(sample_probs, kept)], textposition="outside",
                cliponaxis=False, hovertemplate="%{y}<br>drawn with %{x:.4f}<extra></extra>"),
-    ])
-    last_kept = max((k for k, ok in enumerate(kept) if ok), default=None)
-    if last_kept is not None and last_kept < len(labels) - 1:
-        fig.add_shape(type="line", xref="paper", x0=0, x1=1, yref="y", y0=last_kept + 0.5, y1=last_kept + 0.5,
-                      line=dict(color="#B34", width=2, dash="dash"))
-        note = f"cut-off: {n_kept:,} token{'s' if n_kept != 1 else ''} may be drawn" if n_kept else "cut-off"
-        fig.add_annotation(xref="paper", x=1, yref="y", y=last_kept + 0.5, text=note, showarrow=False,
-                           xanchor="right", yanchor="top", bgcolor="white", font=dict(size=11, color="#B34"))
-    fig.update_layout(
+    ], layout=dict(
+        shapes=shapes, annotations=notes,
         title=dict(text=title, x=0.01), height=height, barmode="overlay", **_PLAIN,
         legend=dict(orientation="h", x=0, y=-0.22, font=dict(size=11)),
         margin=dict(l=16 + _text_px(labels, 13), r=70, t=50, b=80),
         xaxis=dict(_FIXED, title="probability", tickformat=".3~%", rangemode="tozero", gridcolor=_GRID,
                    zerolinecolor=_GRID),
         yaxis=dict(_FIXED, autorange="reversed", type="category"),
-    )
-    return fig
+    ))
 
 
 def _thin_ticks(ticks: Sequence[str], labels: Sequence[str], max_ticks: int) -> tuple[list[str], list[str]]:
@@ -200,24 +195,22 @@ def attention_figure(weights: Any, labels: Sequence[str], positions: Sequence[in
     """
     z = _causal(weights)
     cells = _cells(positions, labels)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=cells, y=cells, colorscale="Blues", zmin=0, hoverongaps=False,
-        colorbar=dict(title=dict(text="weight"), thickness=14),
-        hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.4f}<extra></extra>",
-    ))
     ticks, text = _thin_ticks(cells, list(labels), max_ticks)
     axis = dict(_FIXED, type="category", tickmode="array", tickvals=ticks, ticktext=text, showgrid=False,
                 zeroline=False, tickfont=dict(size=TICK_SIZE))
     label_px = _text_px(text, TICK_SIZE)
-    fig.update_layout(
+    return go.Figure(go.Heatmap(
+        z=z, x=cells, y=cells, colorscale="Blues", zmin=0, hoverongaps=False,
+        colorbar=dict(title=dict(text="weight"), thickness=14),
+        hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.4f}<extra></extra>",
+    ), layout=dict(
         title=dict(text=title, x=0.01), height=height, **_PLAIN,
         shapes=[_mask_shape(len(cells))] if len(cells) > 1 else [],
         margin=dict(l=40 + label_px, r=10, t=50, b=45 + int(0.87 * label_px)),  # x labels at -60°: sin 60° ≈ 0.87
         xaxis=dict(axis, title="key (attended to)", tickangle=-60, side="bottom", constrain="domain"),
         yaxis=dict(axis, title="query (attending), grey: masked", autorange="reversed", scaleanchor="x",
                    constrain="domain"),
-    )
-    return fig
+    ))
 
 
 def attention_grid_figure(weights: Any, labels: Sequence[str], positions: Sequence[int], *, title: str,
@@ -273,20 +266,18 @@ def logit_lens_figure(pieces: Sequence[Sequence[str]], probs: Sequence[Sequence[
     short = np.vectorize(lambda s: s if len(s) <= max_chars else s[: max_chars - 1] + "…", otypes=[object])(text)
     n_layers, n_steps = p.shape
     x = [f"{s} {lab}" for s, lab in zip(range(n_steps), x_labels)]  # unique category per step
-    fig = go.Figure(go.Heatmap(
+    return go.Figure(go.Heatmap(
         z=p, x=x, y=list(range(n_layers)), text=short, customdata=text, texttemplate="%{text}<br>%{z:.2~p}",
         textfont=dict(size=11), colorscale="Viridis", zmin=0, zmax=float(np.max(p, initial=0)) or 1,
         colorbar=dict(title=dict(text="top-1 prob"), thickness=14, tickformat=".2~p"),
         hovertemplate="read %{x}<br>after block %{y}: %{customdata} (p = %{z:.3~p})<extra></extra>",
-    ))
-    fig.update_layout(
+    ), layout=dict(
         title=dict(text=title, x=0.01), height=height, **_PLAIN,
         margin=dict(l=70, r=10, t=50, b=45 + int(0.71 * _text_px(x_labels, TICK_SIZE))),  # labels at -45°
         xaxis=dict(_FIXED, title="step (token read)", tickangle=-45, type="category", tickvals=x,
                    ticktext=list(x_labels), tickfont=dict(size=TICK_SIZE)),
         yaxis=dict(_FIXED, title="block (trf_blocks.i)", dtick=1 if n_layers <= 24 else 4),
-    )
-    return fig
+    ))
 
 
 # --- inside
@@ -300,21 +291,19 @@ def comparison_figure(labels: Sequence[str], first: Sequence[float], second: Seq
                       height: int = 420) -> go.Figure:
     """Grouped horizontal bars: two runs' probabilities of the same tokens (``labels``, top row
     first), e.g. the next-token candidates with and without some attention heads."""
-    fig = go.Figure([
+    return go.Figure([
         go.Bar(x=list(values), y=list(labels), orientation="h", name=name, marker_color=color,
                text=[percent(v) for v in values], textposition="outside", cliponaxis=False,
                hovertemplate=f"%{{y}}<br>{name}: %{{x:.4~%}}<extra></extra>")
         for name, values, color in zip(names, (first, second), PAIR_COLORS)
-    ])
-    fig.update_layout(
+    ], layout=dict(
         title=dict(text=title, x=0.01), height=height, **_PLAIN, barmode="group", bargap=0.25,
         margin=dict(l=16 + _text_px(labels, 13), r=70, t=80, b=50),  # the legend sits under the title
         legend=dict(orientation="h", x=0, xanchor="left", y=1.01, yanchor="bottom"),
         xaxis=dict(_FIXED, title="probability (softmax over the vocabulary)", tickformat=".3~%", rangemode="tozero",
                    gridcolor=_GRID, zerolinecolor=_GRID),
         yaxis=dict(_FIXED, autorange="reversed", type="category"),
-    )
-    return fig
+    ))
 
 
 def cache_work_figure(contexts: Sequence[int], cached: Sequence[float], full: Sequence[float], *,

@@ -71,14 +71,13 @@ def attribution_waterfall(df: pd.DataFrame, target_label: str, baseline_label: s
     ends = np.concatenate([[0.0], np.cumsum(values), [total]])  # every bar's ends
     lo, hi = float(ends.min()), float(ends.max())
     pad = 0.18 * ((hi - lo) or 1.0)  # room for the outside text of the bars at either edge
-    fig = go.Figure(go.Waterfall(
+    return go.Figure(go.Waterfall(
         orientation="h", y=y, x=values + [total], measure=["relative"] * len(values) + ["total"],
         text=[f"{v:+.3f}" for v in values] + [f"{total:+.3f}"], textposition="outside", cliponaxis=False,
         customdata=hover, hovertemplate="%{y}<br>%{x:+.4f} logits<br>%{customdata}<extra></extra>",
         increasing=dict(marker=dict(color=TOWARD_COLOR)), decreasing=dict(marker=dict(color=AWAY_COLOR)),
         totals=dict(marker=dict(color=TOTAL_COLOR)), connector=dict(line=dict(color="#B8BFCC", width=1)),
-    ))
-    fig.update_layout(
+    ), layout=dict(
         title=dict(text=f"Why “{t}” rather than “{b}”? logit difference {diff:+.3f}", x=0.01,
                    subtitle=dict(text=f"green pushes toward “{t}”, red toward “{b}” (direct effects through the "
                                       "final norm)")),
@@ -87,8 +86,7 @@ def attribution_waterfall(df: pd.DataFrame, target_label: str, baseline_label: s
         xaxis=dict(_FIXED, title="contribution to the logit difference (logits)", gridcolor=_GRID,
                    zerolinecolor="#8A93A3", range=[lo - pad, hi + pad]),
         yaxis=dict(_FIXED, autorange="reversed", type="category"),
-    )
-    return fig
+    ))
 
 
 def saliency_figure(labels: Sequence[str], scores: Sequence[float], height: int = 320, *,
@@ -102,19 +100,17 @@ def saliency_figure(labels: Sequence[str], scores: Sequence[float], height: int 
     x = list(range(len(s)))
     shown = [_esc(lab) for lab in labels]
     best = int(np.argmax(s)) if len(s) else -1
-    fig = go.Figure(go.Bar(
+    ticks, text = _thin_ticks([str(k) for k in x], shown, max_ticks)
+    return go.Figure(go.Bar(
         x=x, y=s.tolist(), marker_color=[_PROB_COLOR if k == best else _RANK_COLOR for k in x],
         customdata=shown, hovertemplate="position %{x}: %{customdata}<br>score %{y:.4g}<extra></extra>",
-    ))
-    ticks, text = _thin_ticks([str(k) for k in x], shown, max_ticks)
-    fig.update_layout(
+    ), layout=dict(
         title=dict(text=title, x=0.01), height=height, **_PLAIN, bargap=0.15,
         margin=dict(l=60, r=16, t=50, b=45 + int(0.71 * _text_px(text, TICK_SIZE))),  # labels at -45°
         xaxis=dict(_FIXED, title="input token", tickmode="array", tickvals=[int(k) for k in ticks], ticktext=text,
                    tickangle=-45, tickfont=dict(size=TICK_SIZE), showgrid=False),
         yaxis=dict(_FIXED, title="‖gradient × input‖", rangemode="tozero", gridcolor=_GRID, zerolinecolor=_GRID),
-    )
-    return fig
+    ))
 
 
 def lens_lines_figure(table: pd.DataFrame, final_label: str, height: int = 380, *,

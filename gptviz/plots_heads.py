@@ -43,17 +43,15 @@ def head_roles_figure(df: pd.DataFrame, role: str, *, title: str | None = None, 
         cube[layer, head, 2 + k] = df[r].to_numpy(float)
     z = np.round(cube[..., 2 + ROLES.index(role)], 4)  # (n_layers, n_heads)
     lines = "".join(f"<br>{ROLE_LABELS[r]}: %{{customdata[{2 + k}]:.3f}}" for k, r in enumerate(ROLES))
-    fig = go.Figure(go.Heatmap(
+    return go.Figure(go.Heatmap(
         z=z, x=list(range(n_heads)), y=list(range(n_layers)), customdata=np.round(cube, 4),
         colorscale="Viridis", zmin=0, zmax=1, hoverongaps=False, xgap=1, ygap=1,
         colorbar=dict(title=dict(text="score"), thickness=14),
         hovertemplate=f"block %{{y}}, head %{{x}}{lines}<extra></extra>",
-    ))
-    fig.update_layout(
+    ), layout=dict(
         title=dict(text=title or f"Head roles: {ROLE_LABELS[role]}", x=0.01),
         height=height or max(300, 90 + 22 * n_layers), **_PLAIN, margin=dict(l=60, r=10, t=50, b=50),
         xaxis=dict(_FIXED, title="head", dtick=1 if n_heads <= 25 else 5, showgrid=False, zeroline=False),
         yaxis=dict(_FIXED, title="block (trf_blocks.i)", autorange="reversed", dtick=1 if n_layers <= 24 else 4,
                    showgrid=False, zeroline=False),
-    )
-    return fig
+    ))
