@@ -226,7 +226,7 @@ def recomputed_attention(model, ids, start, end, layer):
 @pytest.fixture(scope="module")
 def ctx16_reference(ctx16_model):
     prompt = [464, 3797, 3332, 319]
-    return reference_generate(ctx16_model, torch.tensor([prompt]), 40, 16)[0][0].tolist()
+    return reference_generate(ctx16_model, torch.tensor([prompt]), 72, 16)[0][0].tolist()  # 6 actions × 12 steps
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
