@@ -10,6 +10,12 @@ Scenarios (from the classroom issue):
 
 * ``alone``: one visitor's ``/step`` answer time (≤ 64 tokens, lens on);
 * ``class``: 16 visitors × 8 Steps at once: time per Step;
+* ``floor``: ``gradio_client`` itself: ``/detokenize`` of one id (no model work). The client
+  polls for the server's messages every 50 ms (``gradio_client.utils.stream_sse_v1plus``), so
+  an answer through it costs ~80-90 ms however fast the server is;
+* ``alone_http`` and ``class_http``: the same two through Gradio's HTTP API
+  (``POST /gradio_api/call/step`` and its event stream, one ``session_hash`` per visitor):
+  the server's answer time without the client's polling;
 * ``analyses``: 4 visitors stepping while a fifth runs ``/precision``, ``/ablate "0.1, 3.*"`` and
   ``/shapes`` with every block on a ~1,000-token prompt: the steppers' times;
 * ``stepn``: 8 visitors × Step ×20 at once: wall time, and whether every visitor got its solo tokens;
@@ -107,6 +113,25 @@ def _timed_steps(client: Any, prompt: str, n: int) -> tuple[list[float], list[in
     return times, ids
 
 
+def _http_steps(url: str, session: str, prompt: str, n: int) -> list[float]:
+    """``n`` Steps through Gradio's HTTP API (as ``curl`` would): seconds per answer. The API
+    wants every input: prompt, block, head, temperature 0 (greedy), top-k 0, top-p 1, seed."""
+    import httpx  # gradio's own HTTP client
+
+    times = []
+    call = f"{url}gradio_api/call/step"
+    with httpx.Client(timeout=120) as http:
+        for _ in range(n):
+            t = time.perf_counter()
+            event = http.post(call, json={"data": [prompt, 0, 0, 0, 0, 1, 0], "session_hash": session}).json()["event_id"]
+            with http.stream("GET", f"{call}/{event}") as stream:
+                kinds = [line for line in stream.iter_lines() if line.startswith("event:")]
+            times.append(time.perf_counter() - t)
+            if kinds[-1:] != ["event: complete"]:
+                raise RuntimeError(f"/step answered {kinds}")
+    return times
+
+
 def run_scenarios(url: str, pid: int, quick: bool = False) -> dict[str, Any]:
     from gradio_client import Client  # a test-only requirement: imported when the benchmark runs
     import psutil
@@ -119,7 +144,16 @@ def run_scenarios(url: str, pid: int, quick: bool = False) -> dict[str, Any]:
     warm.predict("Warm up", 0, 0, api_name="/step")  # the start-up model is built
     times, _ = _timed_steps(warm, "Hello, I am", 10 if quick else 30)
     result["alone"] = _pcts(times[2:])
+    floor = []
+    for _ in range(10 if quick else 30):
+        t = time.perf_counter()
+        warm.predict("464", api_name="/detokenize")
+        floor.append(time.perf_counter() - t)
+    result["floor"] = _pcts(floor[2:])
     warm.close()
+    result["alone_http"] = _pcts(_http_steps(url, "alone-http", "Hello, I am", 10 if quick else 30)[2:])
+    together = _together(16, lambda k: _http_steps(url, f"class-http-{k}", f"Visitor {k} writes:", 8)[1:])
+    result["class_http"] = _pcts([t for ts in together for t in ts])  # the first of each is a prefill
 
     def visitor(k: int) -> list[float]:
         c = client()
@@ -228,6 +262,10 @@ def report(results: dict[str, dict[str, Any]]) -> str:
     row("alone: /step p95", lambda r: r["alone"]["p95"], "s")
     row("16 visitors x 8 Steps: p50", lambda r: r["class"]["p50"], "s")
     row("16 visitors x 8 Steps: p95", lambda r: r["class"]["p95"], "s")
+    row("gradio_client floor: /detokenize p50", lambda r: r.get("floor", {}).get("p50"), "s")
+    row("HTTP API: /step alone p50", lambda r: r.get("alone_http", {}).get("p50"), "s")
+    row("HTTP API: 16 x 8 Steps p50", lambda r: r.get("class_http", {}).get("p50"), "s")
+    row("HTTP API: 16 x 8 Steps p95", lambda r: r.get("class_http", {}).get("p95"), "s")
     row("steppers beside analyses: p50", lambda r: r["analyses"]["p50"], "s")
     row("steppers beside analyses: p95", lambda r: r["analyses"]["p95"], "s")
     row("the analyses themselves", lambda r: r["analyses"]["analyst_s"], "s")
