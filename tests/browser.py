@@ -28,10 +28,11 @@ def title(page, elem_id: str) -> str:
     return page.evaluate(f"() => document.querySelector('#{elem_id} .gtitle')?.textContent ?? ''")
 
 
+#: Page function: whether the plotly title in ``#id`` matches the regular expression ``pattern``.
+TITLE_MATCHES = """([id, pattern]) => new RegExp(pattern).test(document.querySelector(`#${id} .gtitle`)?.textContent ?? '')"""
+
+
 def wait_title(page, elem_id: str, pattern: str) -> str:
     """Wait until the plotly title in ``#elem_id`` matches the regular expression ``pattern``; its text."""
-    page.wait_for_function(
-        """([id, pattern]) => new RegExp(pattern).test(document.querySelector(`#${id} .gtitle`)?.textContent ?? '')""",
-        arg=[elem_id, pattern], timeout=TIMEOUT_MS,
-    )
+    page.wait_for_function(TITLE_MATCHES, arg=[elem_id, pattern], timeout=TIMEOUT_MS)
     return title(page, elem_id)
