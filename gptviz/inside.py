@@ -69,8 +69,12 @@ def _next_logits(model: GPTModel, batch: torch.Tensor, head_mask: torch.Tensor |
     return model(batch, head_mask=head_mask, last_only=True)[0, -1].cpu()
 
 
-#: A computation that can pause: it yields ``None`` between slices of work and returns its result.
-Slices = Generator[None, None, Any]
+#: A computation that can pause: between slices of work it yields the number of positions that
+#: slice ran (for progress), and it returns its result.
+Slices = Generator[int, None, Any]
+
+#: The longest slice an adaptive slicing (``slice_seconds``) grows to.
+MAX_SLICE = 512
 
 
 def finish(work: Slices) -> Any:
@@ -83,23 +87,40 @@ def finish(work: Slices) -> Any:
 
 
 def next_logits_in_slices(model: GPTModel, batch: torch.Tensor, head_mask: torch.Tensor | None = None,
-                          slice_len: int | None = None, clock: list[float] | None = None) -> Slices:
+                          slice_len: int | None = None, clock: list[float] | None = None,
+                          slice_seconds: float | None = None, schedule: list[int] | None = None) -> Slices:
     """:func:`_next_logits` as sliced work: with ``slice_len``, the positions run through a KV cache
     ``slice_len`` at a time, pausing after each slice (so a long input does not hold a shared model
     for a whole forward; the logits agree with the one-pass forward to float tolerance, as a cached
-    step does). ``clock``: compute seconds are added to ``clock[0]`` (pauses excluded)."""
+    step does). ``clock``: compute seconds are added to ``clock[0]`` (pauses excluded).
+
+    ``slice_seconds``: each next slice is sized to take about that long, from the last one's
+    speed (1 to :data:`MAX_SLICE` positions; ``slice_len`` is the first), so a slow dtype (float16
+    on a CPU: ~10 ms per position) pauses as often as a fast one. ``schedule``: an empty list
+    records the slice lengths run; a filled one is followed, so forwards that must agree exactly
+    (the same model with and without heads switched off) slice the input the same way.
+    """
     t0 = time.perf_counter()
     n = batch.shape[1]
     if slice_len is None or n <= slice_len:
         logits = _next_logits(model, batch, head_mask)
     else:
         cache = KVCache.for_model(model)
+        follow = iter(schedule) if schedule else None
+        length = next(follow, None) if follow is not None else slice_len
         with torch.no_grad():
-            for start in range(0, n - slice_len, slice_len):
-                model(batch[:, start : start + slice_len], cache, head_mask=head_mask, last_only=True)
+            while length is not None and n - cache.length > length:
+                model(batch[:, cache.length : cache.length + length], cache, head_mask=head_mask, last_only=True)
+                spent = time.perf_counter() - t0
                 if clock is not None:
-                    clock[0] += time.perf_counter() - t0
-                yield
+                    clock[0] += spent
+                if schedule is not None and follow is None:
+                    schedule.append(length)
+                yield length
+                if follow is not None:
+                    length = next(follow, None)
+                elif slice_seconds is not None:
+                    length = max(1, min(MAX_SLICE, round(length * slice_seconds / max(spent, 1e-4))))
                 t0 = time.perf_counter()
             logits = model(batch[:, cache.length :], cache, head_mask=head_mask, last_only=True)[0, -1].cpu()
     if clock is not None:
@@ -192,7 +213,7 @@ def ablate(model: GPTModel, ids: TokenIds, heads: HeadSpec, top_k: int = 10) -> 
 
 
 def ablate_in_slices(model: GPTModel, ids: TokenIds, heads: HeadSpec, top_k: int = 10,
-                     slice_len: int | None = None) -> Slices:
+                     slice_len: int | None = None, slice_seconds: float | None = None) -> Slices:
     """:func:`ablate` as sliced work (see :func:`next_logits_in_slices`); returns the AblationResult.
     Both runs are computed the same way, so with no head off they are equal exactly."""
     cfg = model.cfg
@@ -205,8 +226,11 @@ def ablate_in_slices(model: GPTModel, ids: TokenIds, heads: HeadSpec, top_k: int
     else:
         off = tuple(sorted(parse_heads(heads, cfg.n_layers, cfg.n_heads)))
         mask = head_mask_for(off, cfg)
-    normal = yield from next_logits_in_slices(model, batch, None, slice_len)
-    ablated = yield from next_logits_in_slices(model, batch, mask.to(model.device), slice_len)
+    schedule: list[int] = []  # both runs slice alike: with no head off they are equal exactly
+    normal = yield from next_logits_in_slices(model, batch, None, slice_len, slice_seconds=slice_seconds,
+                                              schedule=schedule)
+    ablated = yield from next_logits_in_slices(model, batch, mask.to(model.device), slice_len,
+                                               slice_seconds=slice_seconds, schedule=schedule)
     change = (ablated.float() - normal.float()).abs().max().item()
     return AblationResult(
         heads=off,
@@ -241,14 +265,17 @@ class PrecisionResult:
     table: pd.DataFrame  # top-k of both side by side (a = reference, b = low precision)
 
 
-def _timed(model: GPTModel, batch: torch.Tensor, repeats: int, slice_len: int | None) -> Slices:
+def _timed(model: GPTModel, batch: torch.Tensor, repeats: int, slice_len: int | None,
+           slice_seconds: float | None = None) -> Slices:
     """Sliced work returning (next-token logits, median ms of ``repeats`` forwards after one warm-up);
     the time counts computation only, never the pauses between slices."""
-    logits = yield from next_logits_in_slices(model, batch, None, slice_len)
+    schedule: list[int] = []  # the timed repeats slice as the first run did
+    logits = yield from next_logits_in_slices(model, batch, None, slice_len, slice_seconds=slice_seconds,
+                                              schedule=schedule)
     times = []
     for _ in range(repeats):
         clock = [0.0]
-        yield from next_logits_in_slices(model, batch, None, slice_len, clock)
+        yield from next_logits_in_slices(model, batch, None, slice_len, clock, slice_seconds, schedule)
         times.append(clock[0] * 1000)
     return logits, statistics.median(times)
 
@@ -271,17 +298,18 @@ def compare_precision(
 
 
 def compare_precisions_in_slices(model: GPTModel, ids: TokenIds, low_models: Sequence[GPTModel], top_k: int = 10,
-                                 repeats: int = 3, slice_len: int | None = None) -> Slices:
+                                 repeats: int = 3, slice_len: int | None = None,
+                                 slice_seconds: float | None = None) -> Slices:
     """:func:`compare_precision` against several low-precision copies at once (the reference runs
     once), as sliced work; returns one PrecisionResult per copy."""
     for low_model in low_models:
         if low_model.cfg != model.cfg:
             raise ValueError("low_model must have the same configuration as model")
     batch = as_batch(model, ids)
-    ref, ms_ref = yield from _timed(model, batch, repeats, slice_len)
+    ref, ms_ref = yield from _timed(model, batch, repeats, slice_len, slice_seconds)
     results = []
     for low_model in low_models:
-        low, ms_low = yield from _timed(low_model, batch, repeats, slice_len)
+        low, ms_low = yield from _timed(low_model, batch, repeats, slice_len, slice_seconds)
         low = low.float()
         k = min(top_k, ref.numel())
         ref_top, low_top = set(ref.topk(k).indices.tolist()), set(low.topk(k).indices.tolist())

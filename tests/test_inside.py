@@ -28,6 +28,7 @@ from gptviz.inside import (
     trace_shapes,
     ablate_in_slices,
     compare_precisions_in_slices,
+    next_logits_in_slices,
     finish,
 )
 
@@ -408,7 +409,7 @@ def test_sliced_analyses_pause_between_slices_and_agree_with_one_pass(tiny_model
     pauses = 0
     while True:
         try:
-            assert next(work) is None
+            assert next(work) == 16  # each pause reports the positions its slice ran
             pauses += 1
         except StopIteration as done:
             sliced = done.value
@@ -421,6 +422,32 @@ def test_sliced_analyses_pause_between_slices_and_agree_with_one_pass(tiny_model
     assert sliced.heads == one_pass.heads
     nothing_off = finish(ablate_in_slices(tiny_model, ids, "", slice_len=16))
     assert torch.equal(nothing_off.logits, nothing_off.ablated_logits)  # exact: both runs are computed the same way
+
+
+def _drain(work):
+    """The slice lengths sliced work reports, and its result."""
+    lengths = []
+    while True:
+        try:
+            lengths.append(next(work))
+        except StopIteration as done:
+            return lengths, done.value
+
+
+def test_adaptive_slices_follow_the_time_budget_and_paired_runs_slice_alike(tiny_model):
+    ids = list(range(100, 160))  # 60 tokens
+    # A budget no slice can meet: after the first slice of 8, every slice is 1 position.
+    lengths, r = _drain(ablate_in_slices(tiny_model, ids, "", slice_len=8, slice_seconds=1e-12))
+    half = len(lengths) // 2
+    assert lengths[:half] == lengths[half:]  # the ablated run follows the normal run's slices
+    assert lengths[0] == 8 and set(lengths[1:half]) == {1} and sum(lengths[:half]) == 59
+    assert torch.equal(r.logits, r.ablated_logits)  # so with no head off both are equal exactly
+    # A budget every slice beats: the second slice grows past the 58 positions left, which then
+    # run as the final slice.
+    batch = torch.tensor([ids])
+    lengths, logits = _drain(next_logits_in_slices(tiny_model, batch, slice_len=2, slice_seconds=1e9))
+    assert lengths == [2]
+    torch.testing.assert_close(logits, normal_logits(tiny_model, ids), atol=1e-5, rtol=0)
 
 
 def test_sliced_precision_compares_several_copies_against_one_reference(tiny_model):

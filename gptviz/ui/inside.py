@@ -34,9 +34,11 @@ PAIR_WIDTHS = ["6%", "25%", "13%", "17%", "25%", "14%"]
 KV_COLUMNS = ["layer", "K shape", "V shape", "allocated shape", "filled", "allocated"]
 KV_CURVE_POINTS = 64  # contexts at which the KV view's chart counts the work of a step
 LOW_DTYPES = ("bfloat16", "float16")  # compared with float32
-#: Long analyses run through the model this many positions at a time and give the model back to
-#: waiting Steps between slices (~0.1 s of work each for the 124M model on 2 CPU cores).
-SLICE = 128
+#: Long analyses run through the model in slices and give the model back to waiting Steps between
+#: them: the first slice is SLICE positions, each next one sized to take about SLICE_SECONDS
+#: (124M on 2 CPU cores: ~35 positions in float32, ~10 in float16).
+SLICE = 32
+SLICE_SECONDS = 0.1
 
 
 class Shapes(NamedTuple):
@@ -155,23 +157,24 @@ class InsideView:
     @staticmethod
     def _in_slices(work: Slices, idle: Any, progress: gr.Progress | None, desc: str, total: int) -> Iterator[Any]:
         """Drive sliced work, yielding ``idle`` (nothing to redraw) between slices so the model's
-        turn passes to waiting Steps, and reporting progress; returns the work's result."""
+        turn passes to waiting Steps, and reporting progress (positions run of ``total``); returns
+        the work's result."""
         done = 0
         while True:
             try:
-                next(work)
+                done += next(work)
             except StopIteration as finished:
                 return finished.value
             except ValueError as e:  # the visitor's input did not fit the model
                 raise error(f"{e}.") from None
-            done += 1
             if progress is not None:
                 progress(min(done / total, 1.0), desc=desc)
             yield idle
 
     @staticmethod
     def _slices(n_tokens: int, forwards: int) -> int:
-        return forwards * max(1, -(-n_tokens // SLICE))
+        """The positions ``forwards`` sliced forwards over ``n_tokens`` run (progress counts them)."""
+        return forwards * n_tokens
 
     def ablation(self, prompt: str, heads: str, request: gr.Request,
                  progress: gr.Progress = gr.Progress()) -> Iterator[Ablation]:
@@ -184,7 +187,8 @@ class InsideView:
             raise error("Type the heads to switch off as block.head, e.g. 0.3, 5.1, or L4H* for every head of "
                         "block 4.")
         model, ids, _ = self._input(v, prompt)
-        work = ablate_in_slices(model, ids, spec, top_k=self.ctx.settings.top_k, slice_len=SLICE)
+        work = ablate_in_slices(model, ids, spec, top_k=self.ctx.settings.top_k, slice_len=SLICE,
+                                slice_seconds=SLICE_SECONDS)
         r = yield from self._in_slices(work, skip(Ablation), progress, "Switching heads off",
                                        self._slices(len(ids), 2))
         cfg = model.cfg
@@ -221,7 +225,8 @@ class InsideView:
         repeats = max(1, min(3, 256 // len(ids)))  # timed forwards: fewer on long texts (a 1024-token one takes ~1 s)
         k = min(self.ctx.settings.top_k, cfg.vocab_size)
         lows = [self.ctx.models.low_precision(v.spec, DTYPES[d]) for d in LOW_DTYPES]
-        work = compare_precisions_in_slices(model, ids, lows, top_k=k, repeats=repeats, slice_len=SLICE)
+        work = compare_precisions_in_slices(model, ids, lows, top_k=k, repeats=repeats, slice_len=SLICE,
+                                            slice_seconds=SLICE_SECONDS)
         runs = yield from self._in_slices(work, skip(Precision), progress, "Comparing float32, bfloat16, float16",
                                           self._slices(len(ids), (1 + repeats) * (1 + len(lows))))
         p_ref = torch.softmax(runs[0].logits.float(), -1)
