@@ -244,17 +244,17 @@ def decode_kernels(model: GPTModel, child: Child | None, steps: int, rounds: int
 
 def lens_products(repeat: int = 15) -> dict[str, float]:
     """The logit lens's product: 12 residual rows (one per block) against gpt2's 50257 × 768
-    head, median ms, through :func:`~gptviz.model.linear` (what generation.py runs), the forms
-    of F.linear the commit before used, and in float16."""
+    head, median ms, through :func:`~gptviz.model.linear` (what generation.py runs), through
+    MKL as ``F.linear`` and as ``(W @ x.T).T``, and in float16."""
     torch.manual_seed(0)
     head = torch.randn(50257, 768) * 0.02  # (vocab, emb), nn.Linear's layout
     rows = torch.randn(12, 768)
     half, rows16 = head.half(), rows.half()
     with torch.inference_mode():
         cases = {
-            "linear(x, W): oneDNN [generation.py now]": lambda: linear(rows, head),
-            "(W @ x.T).T [the commit before]": lambda: (head @ rows.T).T.contiguous(),
-            "F.linear(x, W)": lambda: torch.nn.functional.linear(rows, head),
+            "linear(x, W): oneDNN (what the lens runs)": lambda: linear(rows, head),
+            "(W @ x.T).T, MKL": lambda: (head @ rows.T).T.contiguous(),
+            "F.linear(x, W), MKL": lambda: torch.nn.functional.linear(rows, head),
             "F.linear(x16, W16), float16 copy": lambda: torch.nn.functional.linear(rows16, half).float(),
         }
         return {name: ms(f, repeat) for name, f in cases.items()}

@@ -77,7 +77,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 if _ONEDNN_LINEAR is not None:  # FLOP counters (torch.utils.flop_counter) count it as F.linear's addmm
 
-    @register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    @register_flop_formula(_ONEDNN_LINEAR)
     def _linear_flops(x_shape: torch.Size, w_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
         return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]  # (rows, in) @ (in, out)
 
@@ -161,8 +161,8 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            Linear(cfg.emb_dim, 4 * cfg.emb_dim),  # (b, T, emb) -> (b, T, 4*emb); NEW (speed): Linear is nn.Linear
-                                                    # with a faster CPU kernel (see linear() above)
+            # NEW (speed): Linear is nn.Linear with a faster CPU kernel (see linear() above)
+            Linear(cfg.emb_dim, 4 * cfg.emb_dim),  # (b, T, emb) -> (b, T, 4*emb)
             GELU(),
             Linear(4 * cfg.emb_dim, cfg.emb_dim),  # (b, T, 4*emb) -> (b, T, emb)
         )

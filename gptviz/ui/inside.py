@@ -172,7 +172,7 @@ class InsideView:
             yield idle
 
     @staticmethod
-    def _slices(n_tokens: int, forwards: int) -> int:
+    def _positions(n_tokens: int, forwards: int) -> int:
         """The positions ``forwards`` sliced forwards over ``n_tokens`` run (progress counts them)."""
         return forwards * n_tokens
 
@@ -190,7 +190,7 @@ class InsideView:
         work = ablate_in_slices(model, ids, spec, top_k=self.ctx.settings.top_k, slice_len=SLICE,
                                 slice_seconds=SLICE_SECONDS)
         r = yield from self._in_slices(work, skip(Ablation), progress, "Switching heads off",
-                                       self._slices(len(ids), 2))
+                                       self._positions(len(ids), 2))
         cfg = model.cfg
         normal, ablated = int(r.logits.argmax()), int(r.ablated_logits.argmax())
         verdict = (f'<span class="no">top-1 changed</span>: {tok(normal)} → {tok(ablated)}' if r.top1_changed else
@@ -228,7 +228,7 @@ class InsideView:
         work = compare_precisions_in_slices(model, ids, lows, top_k=k, repeats=repeats, slice_len=SLICE,
                                             slice_seconds=SLICE_SECONDS)
         runs = yield from self._in_slices(work, skip(Precision), progress, "Comparing float32, bfloat16, float16",
-                                          self._slices(len(ids), (1 + repeats) * (1 + len(lows))))
+                                          self._positions(len(ids), (1 + repeats) * (1 + len(lows))))
         p_ref = torch.softmax(runs[0].logits.float(), -1)
         top_ref = int(p_ref.argmax())
         yes_no = {True: '<span class="yes">{}</span>', False: '<span class="no">{}</span>'}
