@@ -6,6 +6,12 @@ change, from ``git worktree add``) one after the other on the same machine — a
 scenarios through ``gradio_client``, one client per visitor, printing p50/p95 per scenario and the
 ratio between the two apps. Only loopback addresses are used; every loop is bounded.
 
+The clients share the machine's cores with the app (on the 2-core development machine, a class
+of 16 clients and the server). ``gradio_client`` builds a TLS context (certifi's CA bundle) for
+every call, even to ``http://``: ~60 ms of CPU per call, which stole about a core from the
+server while 16 clients stepped. The loopback app is plain HTTP, so the clients skip it
+(``ssl_verify=False``): ~7 ms of CPU per call.
+
 Scenarios (from the classroom issue):
 
 * ``alone``: one visitor's ``/step`` answer time (≤ 64 tokens, lens on);
@@ -137,7 +143,7 @@ def run_scenarios(url: str, pid: int, quick: bool = False) -> dict[str, Any]:
     import psutil
 
     def client() -> Any:
-        return Client(url, verbose=False)
+        return Client(url, verbose=False, ssl_verify=False)  # loopback, plain HTTP: see the module docstring
 
     result: dict[str, Any] = {}
     warm = client()

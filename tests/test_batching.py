@@ -111,3 +111,36 @@ def test_the_batcher_serves_concurrent_steps_in_batches_with_solo_results(tiny_m
     assert [s.ids for s in sessions] == [s.ids for s in solo]
     assert max(batcher.batches) > 1  # steps that arrived together ran together
     assert sum(batcher.batches) == len(sessions) * 7  # every step after the prefills, each exactly once
+
+
+def test_the_batcher_draws_each_view_right_after_its_step_in_the_same_turn(tiny_model, enc):
+    """``then`` (drawing a visitor's view) runs in the model's turn, after that visitor's step, and
+    its value or error goes back to that visitor only."""
+    turns = Turns()
+    batcher = StepBatcher(turns)
+    sessions = [GenerationSession(tiny_model, enc, p) for p in PROMPTS]
+    start, seen, errors, got = threading.Barrier(len(sessions)), [], [], {}
+
+    def view(k, s, n):
+        seen.append((k, len(s.steps) == n, turns.locked() and turns.mine()))
+        if k == 2 and n == 3:
+            raise RuntimeError("drawing failed")
+        return (k, n)
+
+    def visitor(k, s):
+        start.wait()
+        for n in range(1, 6):
+            try:
+                got[(k, n)] = batcher.step(s, lambda: view(k, s, n))
+            except RuntimeError as e:
+                errors.append((k, n, str(e)))
+
+    threads = [threading.Thread(target=visitor, args=(k, s)) for k, s in enumerate(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [(2, 3, "drawing failed")]
+    assert got == {(k, n): (k, n) for k in range(len(sessions)) for n in range(1, 6) if (k, n) != (2, 3)}
+    assert len(seen) == 5 * len(sessions) and all(after and in_turn for _, after, in_turn in seen)
+    assert max(batcher.batches) > 1  # drawn by a batch's leader too, not only by steps that ran alone

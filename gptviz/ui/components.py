@@ -3,6 +3,8 @@
 * :class:`Plot` is ``gr.Plot`` whose toolbar camera saves a PNG at twice the shown size, with
   the figure's title and axes (plotly's own image export, configured); the page script adds an
   SVG button beside it (:data:`EXPORT_JS`).
+* :func:`rendered` serialises a handler's figures now, the way :class:`Plot` would later: the
+  context calls it in the model's turn (see :mod:`gptviz.ui.serving`).
 * :func:`csv_file` writes a table for a ``gr.DownloadButton`` (every table has one).
 """
 
@@ -16,8 +18,10 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
+import plotly.graph_objects as go
+from gradio.components.plot import PlotData
 
-__all__ = ["Plot", "csv_file", "EXPORT_CONFIG", "EXPORT_JS", "csv_button"]
+__all__ = ["Plot", "rendered", "csv_file", "EXPORT_CONFIG", "EXPORT_JS", "csv_button"]
 
 #: plotly's config for every figure: PNG at 2× from the camera, no logo.
 EXPORT_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2, "filename": "gptviz"}, "displaylogo": False}
@@ -46,16 +50,31 @@ EXPORT_JS = """
 """
 
 
+def _plot_data(figure: go.Figure) -> PlotData:
+    """What the page gets for a figure: plotly's JSON, with the export configuration."""
+    return PlotData(type="plotly", plot=figure.to_json()[:-1] + f', "config": {_CONFIG_JSON}}}')
+
+
 class Plot(gr.Plot):
-    """``gr.Plot`` with the export configuration (a template of gr.Plot: same frontend)."""
+    """``gr.Plot`` with the export configuration (a template of gr.Plot: same frontend). A value
+    that :func:`rendered` already serialised passes through."""
 
     is_template = True
 
     def postprocess(self, value: Any) -> Any:
-        data = super().postprocess(value)
-        if data is not None and data.type == "plotly" and data.plot.endswith("}"):
-            data.plot = data.plot[:-1] + f', "config": {_CONFIG_JSON}}}'
-        return data
+        return _plot_data(value) if isinstance(value, go.Figure) else super().postprocess(value)
+
+
+def rendered(result: Any) -> Any:
+    """A handler's result with every plotly figure in it (alone, or in a tuple of outputs)
+    serialised as :class:`Plot` would serialise it after the handler: called in the model's turn,
+    so that plotly's Python work does not run beside another visitor's forward pass."""
+    if isinstance(result, go.Figure):
+        return _plot_data(result)
+    if isinstance(result, tuple):
+        items = [rendered(x) for x in result]
+        return type(result)._make(items) if hasattr(result, "_fields") else tuple(items)
+    return result
 
 
 _FILES = Path(tempfile.mkdtemp(prefix="gptviz-tables-"))

@@ -3,7 +3,7 @@ the KV-cache readout, attention heatmaps of any block and head, and the logit le
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -86,9 +86,11 @@ class GenerateView(StepPictures):
             self.ctx.visitors.admit(v)
         return v.session
 
-    def step_once(self, v: Visitor, prompt: str | None, settings: dict[str, Any] | None = None) -> None:
+    def step_once(self, v: Visitor, prompt: str | None, settings: dict[str, Any] | None = None,
+                  then: Callable[[], Any] | None = None) -> Any:
         """One token for the visitor (``v.lock`` held), greedy unless ``settings`` sample; warns once
-        when cropping starts."""
+        when cropping starts. ``then()``, if given, runs right after the step in the same turn on
+        the model (drawing the view: see :mod:`gptviz.ui.serving`); its result is returned."""
         s = self.session(v, prompt)
         if settings is not None:
             sampling.apply(s, settings)
@@ -96,11 +98,12 @@ class GenerateView(StepPictures):
         if len(s.ids) >= limit:
             raise error(f"This session has {len(s.ids):,} tokens; the limit is {limit:,}. "
                         "Press Reset to start again from the prompt.")
-        self.ctx.steps.step(s)  # takes its turn on the model, batched with other visitors' Steps
+        drawn = self.ctx.steps.step(s, then)  # takes its turn on the model, batched with other visitors' Steps
         if s.steps[-1].cropped and (len(s.steps) == 1 or not s.steps[-2].cropped):
             ctx = s.model.cfg.context_length
             gr.Warning(f"The text is now longer than the model's context ({ctx} tokens): each step sees only the "
                        f"last {ctx} tokens, as the source's generate_text_simple crops.")
+        return drawn
 
     # --------------------------------------------------------------- words and figures
     def candidates(self, prompt: str, temperature: Any, top_k: Any, top_p: Any, seed: Any,
@@ -138,8 +141,7 @@ class GenerateView(StepPictures):
         settings = sampling.settings_of(temperature, top_k, top_p, seed)
         v = self.ctx.visitor(request)
         with v.lock:
-            self.step_once(v, prompt, settings)
-            return self.main_view(v, layer, head)
+            return self.step_once(v, prompt, settings, then=lambda: self.main_view(v, layer, head))
 
     def step_n(self, prompt: str, n: Any, layer: Any, head: Any, temperature: Any = 0, top_k: Any = 0,
                top_p: Any = 1, seed: Any = sampling.DEFAULT_SEED, request: gr.Request = None) -> Iterator[Main]:
@@ -155,8 +157,7 @@ class GenerateView(StepPictures):
         v = self.ctx.visitor(request)
         for _ in range(count):
             with v.lock:
-                self.step_once(v, prompt, settings)
-                view = self.main_view(v, layer, head)
+                view = self.step_once(v, prompt, settings, then=lambda: self.main_view(v, layer, head))
             yield view
 
     def candidates_csv(self, step: Any, request: gr.Request) -> str | None:
@@ -272,9 +273,10 @@ class GenerateView(StepPictures):
     def wire(self) -> None:
         c, ctx = self.c, self.ctx
         main, event, knobs = components(Main, c), ctx.model_event, self.sampling_inputs
-        # Step, Step ×N and the details take their turn on the model inside (ctx.steps batches the
-        # Steps of visitors who press at once), so figures are drawn outside the model's turn.
-        after = dict(fn=self.details, inputs=[c["layer"], c["view_step"]], outputs=components(Details, c),
+        # Step and Step ×N take their turns on the model inside: ctx.steps batches the Steps of
+        # visitors who press at once, and the batch's leader draws their views in its turn.
+        # Every other model event runs in a turn of its own (ctx.turns).
+        after = dict(fn=ctx.turns(self.details), inputs=[c["layer"], c["view_step"]], outputs=components(Details, c),
                      api_visibility="private", **event)
         #: The actions' follow-up events (for the page: remember the session after each).
         self.actions = [

@@ -12,6 +12,14 @@ directly. Everything here is about serving many visitors from one process:
 * :meth:`AppContext.turns`: model work takes turns on one lock, wrapped around each handler
   when its event is wired. On a CPU torch already uses every core for one step; two at once
   only slow each other down. A generator (Step ×N) takes a turn per item.
+
+Drawing takes the turn too. A forward pass hands Python's GIL back and forth around each of
+its ~1,000 torch calls; a thread busy in Python beside it (plotly building a figure) keeps the
+GIL up to the 5 ms switch interval each time. Measured here: a batch of 8 Steps took 126 ms
+alone and 1,135 ms beside one thread drawing figures. So a batch's leader draws every
+visitor's view right after their step, in its turn (:class:`~gptviz.ui.turns.StepBatcher`),
+and other model events build and serialise their figures inside their turn
+(:func:`~gptviz.ui.components.rendered`).
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from ..inside import low_precision_copy
 from ..model import GPTModel
 from ..settings import DTYPES, RANDOM, SEED, Settings
 from ..weights import WeightsError, WeightsSource, estimated_bytes, is_allowed_name, load_pretrained
+from .components import rendered
 from .turns import StepBatcher, Turns
 
 __all__ = ["UPLOAD", "ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "StepBatcher", "AppContext", "build_model", "error"]
@@ -331,9 +340,10 @@ class AppContext:
                     show_progress="hidden")
 
     def turns(self, fn: Callable, priority: int = Turns.STEP) -> Callable:
-        """``fn`` run in a turn on the model; for a generator, each item in a turn of its own (free
-        in between, so a Step ×N or a sliced analysis lets other visitors' Steps run between its
-        items). Analyses pass ``priority=Turns.ANALYSIS``: waiting Steps go first."""
+        """``fn`` run in a turn on the model, its figures serialised in the same turn; for a
+        generator, each item in a turn of its own (free in between, so a Step ×N or a sliced
+        analysis lets other visitors' Steps run between its items). Analyses pass
+        ``priority=Turns.ANALYSIS``: waiting Steps go first."""
         turns = self.turn
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
@@ -342,7 +352,7 @@ class AppContext:
                 try:
                     while True:
                         with turns.turn(priority):
-                            item = next(items, StopIteration)
+                            item = rendered(next(items, StopIteration))
                         if item is StopIteration:
                             return
                         yield item
@@ -353,5 +363,6 @@ class AppContext:
         @functools.wraps(fn)
         def call(*args: Any, **kwargs: Any) -> Any:
             with turns.turn(priority):
-                return fn(*args, **kwargs)
+                return rendered(fn(*args, **kwargs))
         return call
+

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from ..generation import GenerationSession, step_together
 
@@ -75,7 +75,11 @@ class StepBatcher:
     turn, gathers every Step waiting (up to ``max_batch``, same model, one new position each)
     and runs them with :func:`~gptviz.generation.step_together`; the others wait for their
     result. Alone, a Step runs at once: no waiting window. Steps that cannot be batched (a
-    prefill, a cropped context) run alone in their turn."""
+    prefill, a cropped context) run alone in their turn.
+
+    Each Step may bring ``then``, what to do right after it (drawing its visitor's view): the
+    leader runs every ``then`` of its batch in the same turn, so no visitor's Python work runs
+    beside a forward pass (see :mod:`gptviz.ui.serving` for why that matters)."""
 
     def __init__(self, turns: Turns, max_batch: int = 16) -> None:
         self.turns, self.max_batch = turns, max_batch
@@ -84,13 +88,14 @@ class StepBatcher:
         self._leading = False
         self.batches: list[int] = []  # sizes of recent batches (for the load benchmark)
 
-    def step(self, session: GenerationSession) -> None:
-        """One step of ``session`` (its visitor's lock held by the caller)."""
+    def step(self, session: GenerationSession, then: Callable[[], Any] | None = None) -> Any:
+        """One step of ``session`` (its visitor's lock held by the caller), then ``then()`` in the
+        same turn; returns what ``then`` returned (None without it)."""
+        job = _Job(session, then)
         if not session.batchable or self.turns.mine():  # a caller inside its own turn steps alone
             with self.turns.turn(Turns.STEP):
-                session.step(1)
-            return
-        job = _Job(session)
+                job.run_alone()
+            return job.result()
         with self._cond:
             self._queue.append(job)
             while not job.done and self._leading:
@@ -117,28 +122,42 @@ class StepBatcher:
             ready = [j for j in jobs if j.session.batchable]
             try:
                 step_together([j.session for j in ready])
-                for j in ready:
-                    j.finish()
             except BaseException as e:  # noqa: BLE001 - handed to each visitor's own thread
                 for j in ready:
-                    j.finish(e)
+                    j.finish(error=e)
+            for j in ready:
+                if not j.done:
+                    j.draw()
             for j in jobs:
                 if not j.done:  # changed meanwhile (cannot happen under the visitor's lock): alone
-                    try:
-                        j.session.step(1)
-                        j.finish()
-                    except BaseException as e:  # noqa: BLE001
-                        j.finish(e)
+                    j.run_alone()
         self.batches = (self.batches + [len(batch)])[-256:]
 
 
 class _Job:
-    def __init__(self, session: GenerationSession) -> None:
-        self.session, self.done, self.error = session, False, None
+    def __init__(self, session: GenerationSession, then: Callable[[], Any] | None) -> None:
+        self.session, self.then = session, then
+        self.done, self.value, self.error = False, None, None
 
-    def finish(self, error: BaseException | None = None) -> None:
-        self.done, self.error = True, error
+    def finish(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.done, self.value, self.error = True, value, error
 
-    def result(self) -> None:
+    def draw(self) -> None:
+        """Its ``then``, after its step."""
+        try:
+            self.finish(self.then() if self.then is not None else None)
+        except BaseException as e:  # noqa: BLE001 - handed to the visitor's own thread
+            self.finish(error=e)
+
+    def run_alone(self) -> None:
+        try:
+            self.session.step(1)
+        except BaseException as e:  # noqa: BLE001
+            self.finish(error=e)
+            return
+        self.draw()
+
+    def result(self) -> Any:
         if self.error is not None:
             raise self.error
+        return self.value
