@@ -1,5 +1,6 @@
 """Batched steps: several sessions' next steps in one forward of the shared model
-(:func:`step_together`), and the logit lens of many rows in one product with the output head
+(:func:`step_together`), several fresh sessions' prompts read in one forward
+(:func:`read_together`), and the logit lens of many rows in one product with the output head
 (:func:`lens_top1`).
 
 :mod:`gptviz.generation` re-exports both.
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .kv_cache import BatchKVCache
+from .kv_cache import BatchKVCache, KVCache
 from .model import GPTModel
 from .session_reads import _require_eval
 from .trace import Trace
@@ -19,7 +20,7 @@ from .trace import Trace
 if TYPE_CHECKING:
     from .generation import GenerationSession, StepRecord
 
-__all__ = ["lens_top1", "step_together"]
+__all__ = ["lens_top1", "read_together", "step_together"]
 
 
 def lens_top1(model: GPTModel, residuals: torch.Tensor) -> tuple[list[int], list[float]]:
@@ -49,6 +50,8 @@ def step_together(sessions: list[GenerationSession]) -> list[StepRecord]:
         raise ValueError("step_together needs batchable sessions of one model")
     _require_eval(model)
     ends = [len(s._ids) for s in sessions]
+    for s, end in zip(sessions, ends):
+        s._cache.truncate(end - 1)  # the position this step reads (cached already by a read of the context: again)
     ids = torch.tensor([[s._ids[e - 1]] for s, e in zip(sessions, ends)], device=model.device)  # (b, 1)
     positions = torch.tensor([[e - 1] for e in ends], device=model.device)  # (b, 1)
     lens = any(s.logit_lens for s in sessions)
@@ -69,3 +72,46 @@ def step_together(sessions: list[GenerationSession]) -> list[StepRecord]:
     for i, (s, end) in enumerate(zip(sessions, ends)):
         s._pending = (end, logits[i], kept[i], 1)
     return [s.step(1)[0] for s in sessions]
+
+
+def read_together(sessions: list[GenerationSession], keep_logits: bool = True) -> None:
+    """The first read of each fresh session — its whole prompt — in one forward (NEW: serving
+    many visitors; a class that opens the page together prefills together).
+
+    Every session must be :attr:`~GenerationSession.fresh` and share one model. The prompts are
+    right-padded to the longest: causal attention keeps each row's real positions from seeing
+    the padding after them, and each cache is cut back to its own prompt. Each session then holds
+    what its own first read would hold — the attention rows, the KV cache, and the next step's
+    logits (equal to float32 tolerance: one batched product instead of one per visitor) with its
+    lens — so its next step runs no forward. ``keep_logits=False``: only the rows and the cache, as
+    a view's read keeps them (the next step then reads the last position again, batched).
+    """
+    if not sessions:
+        return
+    model = sessions[0].model
+    if any(s.model is not model or not s.fresh for s in sessions):
+        raise ValueError("read_together needs fresh sessions of one model")
+    _require_eval(model)
+    ends = [len(s._ids) for s in sessions]
+    longest = max(ends)
+    ids = torch.tensor([s._ids + [0] * (longest - e) for s, e in zip(sessions, ends)], device=model.device)  # (b, T)
+    last = torch.tensor([e - 1 for e in ends], device=model.device)  # (b,) each row's last real position
+    lens = any(s.logit_lens for s in sessions)
+    trace = Trace(("attn_weights", "residual") if lens else ("attn_weights",))
+    caches = [KVCache.for_model(model) for _ in sessions]
+    with torch.inference_mode():
+        logits = model(ids, BatchKVCache(caches), trace=trace, last_only=last)[:, -1]  # (b, vocab)
+        kept = []
+        for i, (s, end, cache) in enumerate(zip(sessions, ends, caches)):
+            cache.truncate(end)  # the padding's keys and values go
+            attentions = [att[i : i + 1, :, :end, :end] for att in trace.attentions]  # (1, n_heads, end, end)
+            kept.append(s._absorb(end, 0, 0, cache, attentions, [r[i : i + 1, :end] for r in trace.residuals]))
+        rows = [r for r in kept if r is not None]
+        if rows:  # every visitor's lens in one product with the head
+            ids_all, probs_all = lens_top1(model, torch.cat(rows))
+            n = rows[0].shape[0]
+            answers = iter((ids_all[j : j + n], probs_all[j : j + n]) for j in range(0, len(ids_all), n))
+            kept = [next(answers) if r is not None else None for r in kept]
+    if keep_logits:
+        for i, (s, end) in enumerate(zip(sessions, ends)):
+            s._pending = (end, logits[i], kept[i], end)

@@ -31,7 +31,7 @@ from typing import Iterator
 import tiktoken
 import torch
 
-from .batching import lens_top1, step_together
+from .batching import lens_top1, read_together, step_together
 from .kv_cache import KVCache
 from .model import GPTModel
 from .sampling import _check_sampling, _check_seed, sampling_distribution
@@ -47,6 +47,7 @@ __all__ = [
     "GenerationSession",
     "generate_greedy",
     "step_together",
+    "read_together",
     "sampling_distribution",
     "DEFAULT_MAX_RETAINED_BYTES",
 ]
@@ -277,14 +278,24 @@ class GenerationSession(SessionReads):
 
     @property
     def batchable(self) -> bool:
-        """The next step reads exactly one new position through the kept cache (uncropped, its
+        """The next step reads exactly one position through the kept cache (uncropped, its
         attention rows joined up): it can run in one batched forward with other sessions' steps
-        (:func:`step_together`)."""
+        (:func:`step_together`). That position is the new one, or the last one again when a read
+        of the whole context (a view after Reset) cached it already, as its own step would."""
         end = len(self._ids)
         return (self._pending is None and not self.finished and self._cache is not None
-                and end <= self.model.cfg.context_length and self._cache.length == end - 1
-                and self._rows is not None and self._rows_c0 == 0 and self._hi == end - 1
+                and end <= self.model.cfg.context_length and end - 1 <= self._cache.length <= end
+                and self._rows is not None and self._rows_c0 == 0 and end - 1 <= self._hi <= end
                 and self._lo <= max(0, end - self.attn_window))
+
+    @property
+    def fresh(self) -> bool:
+        """Nothing read yet and the prompt fits the displayed attention window: its first read is
+        one traced forward over the prompt, which can run batched with other fresh sessions'
+        (:func:`read_together`)."""
+        end = len(self._ids)
+        return (self._pending is None and self._cache is None and self._rows is None and 0 < end
+                and end <= min(self.attn_window, self.model.cfg.context_length))
 
     def _step(self) -> StepRecord:
         t0 = time.perf_counter()

@@ -356,7 +356,7 @@ class GPTModel(nn.Module):
         *,
         trace: Trace | None = None,
         head_mask: torch.Tensor | None = None,
-        last_only: bool = False,
+        last_only: bool | torch.Tensor = False,
         positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``(b, T, vocab_size)`` for token ids ``(b, T)``.
@@ -364,7 +364,8 @@ class GPTModel(nn.Module):
         ``cache``: a :class:`KVCache`; ``in_idx`` then holds only the positions after those
         already cached. ``trace``: a :class:`Trace` to record into. ``head_mask``:
         ``(n_layers, n_heads)``, 0 switches a head off. ``last_only``: compute logits for
-        the last position only, ``(b, 1, vocab_size)`` (what generation needs). ``positions``:
+        the last position only, ``(b, 1, vocab_size)`` (what generation needs); or a ``(b,)``
+        tensor: each row's own last position (rows right-padded to one length). ``positions``:
         ``(b, T)`` absolute positions per row, for rows that continue caches of different lengths
         (a :class:`~gptviz.kv_cache.BatchKVCache`: several visitors' steps in one forward).
         """
@@ -393,7 +394,9 @@ class GPTModel(nn.Module):
                 None if trace is None else trace.layer(i),
                 None if head_mask is None else head_mask[i],
             )
-        if last_only:  # NEW (speed): generation needs the last position's logits only
+        if isinstance(last_only, torch.Tensor):  # NEW (batching): each row's last real position
+            x = x[torch.arange(batch_size, device=x.device), last_only][:, None]  # (b, 1, emb)
+        elif last_only:  # NEW (speed): generation needs the last position's logits only
             x = x[:, -1:, :]  # (b, 1, emb)
         x = self.final_norm(x)
         logits = self.out_head(x)  # (b, T, vocab)

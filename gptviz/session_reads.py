@@ -107,8 +107,9 @@ class SessionReads:
         """Bytes this session holds beyond the shared model: KV cache, attention rows, records, ids."""
         rows = self._rows.numel() * self._rows.element_size() if self._rows is not None else 0
         pending = 0
-        if self._pending is not None:  # the next step's logits (vocab,) and lens residuals, kept by next_distribution
-            pending = sum(t.numel() * t.element_size() for t in self._pending[1:3] if t is not None)
+        if self._pending is not None:  # the next step's logits (vocab,) and lens (residuals, or its answers)
+            pending = sum(t.numel() * t.element_size() if isinstance(t, torch.Tensor) else _deep_size(t)
+                          for t in self._pending[1:3] if t is not None)
         return self.cache_bytes + rows + pending + self._records_bytes + _deep_size(self._ids)
 
 

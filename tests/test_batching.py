@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gptviz import GPTConfig, GPTModel, KVCache
-from gptviz.generation import GenerationSession, step_together
+from gptviz.generation import GenerationSession, read_together, step_together
 from gptviz.kv_cache import BatchKVCache
 from gptviz.ui.serving import StepBatcher, Turns
 
@@ -74,6 +74,79 @@ def test_step_together_gives_every_session_its_solo_tokens_and_numbers(tiny_mode
         assert b.cache_tokens == a.cache_tokens
 
 
+def test_read_together_reads_fresh_prompts_of_different_lengths_as_each_alone(tiny_model, enc):
+    solo = solo_runs(tiny_model, enc, 6)
+    together = [GenerationSession(tiny_model, enc, p) for p in PROMPTS]
+    assert len({len(s.prompt_ids) for s in together}) > 1  # right padding is exercised
+    assert all(s.fresh for s in together)
+    read_together(together)
+    assert not any(s.fresh for s in together)
+    for p, s in zip(PROMPTS, together):  # the prompt is read: its cache and attention rows are kept
+        assert s.cache_tokens == len(s.prompt_ids)
+        alone = GenerationSession(tiny_model, enc, p)
+        for layer in range(tiny_model.cfg.n_layers):
+            wa, pa = alone.attention(layer)  # its own read of the prompt
+            wb, pb = s.attention(layer)
+            assert pa == pb
+            torch.testing.assert_close(wb, wa, atol=1e-6, rtol=0)  # attention weights in [0, 1], float32
+    for a, b in zip(solo, together):
+        records = b.step(6)
+        assert records[0].positions_computed == len(b.prompt_ids)  # reported as the prefill it was
+        assert [r.positions_computed for r in records[1:]] == [1] * 5
+        assert a.ids == b.ids
+        for ra, rb in zip(a.steps, b.steps):
+            assert [c.token_id for c in ra.candidates] == [c.token_id for c in rb.candidates]
+            # Not bit-exact: one (b·T, emb) product against one per prompt; float32, as step_together.
+            torch.testing.assert_close(torch.tensor([c.prob for c in rb.candidates]),
+                                       torch.tensor([c.prob for c in ra.candidates]), atol=1e-6, rtol=1e-4)
+            assert [e.token_id for e in ra.lens] == [e.token_id for e in rb.lens]
+            torch.testing.assert_close(torch.tensor([e.prob for e in rb.lens]), torch.tensor([e.prob for e in ra.lens]),
+                                       atol=1e-6, rtol=1e-4)
+        for layer in range(tiny_model.cfg.n_layers):
+            wa, pa = a.attention(layer)
+            wb, pb = b.attention(layer)
+            assert pa == pb
+            torch.testing.assert_close(wb, wa, atol=1e-6, rtol=0)
+        assert b.cache_tokens == a.cache_tokens
+
+
+def test_a_view_read_then_batched_steps_match_solo_steps(tiny_model, enc):
+    """After Reset's view, read_together(keep_logits=False) keeps rows and cache: the next step
+    reads the last position again, batched, and says it computed 1 position, as alone."""
+    solo = []
+    for p in PROMPTS:
+        s = GenerationSession(tiny_model, enc, p)
+        s.attention(0)  # the view's own read of the prompt
+        s.step(4)
+        solo.append(s)
+    together = [GenerationSession(tiny_model, enc, p) for p in PROMPTS]
+    read_together(together, keep_logits=False)
+    assert all(s.batchable for s in together)  # cache and rows hold the whole prompt: re-read its last position
+    for _ in range(4):
+        step_together(together)
+    for a, b in zip(solo, together):
+        assert a.ids == b.ids
+        assert [r.positions_computed for r in b.steps] == [r.positions_computed for r in a.steps] == [1] * 4
+        for ra, rb in zip(a.steps, b.steps):
+            torch.testing.assert_close(torch.tensor([c.prob for c in rb.candidates]),
+                                       torch.tensor([c.prob for c in ra.candidates]), atol=1e-6, rtol=1e-4)
+        assert b.cache_tokens == a.cache_tokens
+
+
+def test_read_together_refuses_what_it_cannot_batch(tiny_model, enc):
+    read = GenerationSession(tiny_model, enc, "Hello")
+    read.step(1)
+    assert not read.fresh
+    with pytest.raises(ValueError, match="fresh"):
+        read_together([read])
+    long = GenerationSession(tiny_model, enc, list(range(1, tiny_model.cfg.context_length + 1)), attn_window=8)
+    assert not long.fresh  # longer than the attention window: its read is chunked, alone
+    other = GenerationSession(GPTModel(tiny_model.cfg).eval(), enc, "Hello")
+    with pytest.raises(ValueError, match="one model"):
+        read_together([GenerationSession(tiny_model, enc, "Hello"), other])
+    read_together([])
+
+
 def test_step_together_refuses_what_it_cannot_batch(tiny_model, enc):
     fresh = GenerationSession(tiny_model, enc, "Hello")  # no cache yet: its first step is a prefill
     assert not fresh.batchable
@@ -110,7 +183,7 @@ def test_the_batcher_serves_concurrent_steps_in_batches_with_solo_results(tiny_m
     assert errors == []
     assert [s.ids for s in sessions] == [s.ids for s in solo]
     assert max(batcher.batches) > 1  # steps that arrived together ran together
-    assert sum(batcher.batches) == len(sessions) * 7  # every step after the prefills, each exactly once
+    assert sum(batcher.batches) == len(sessions) * 8  # every step, the prefills too (batched), each exactly once
 
 
 def test_the_batcher_draws_each_view_right_after_its_step_in_the_same_turn(tiny_model, enc):

@@ -176,3 +176,47 @@ def test_a_request_without_a_session_hash_is_one_anonymous_visitor(ctx, view):
     view.step(PROMPT, 0, 0, request=None)
     assert view.step(PROMPT, 0, 0, request=object()).step_json["steps"] == 2  # the same (anonymous) visitor
     assert view.step(PROMPT, 0, 0, request=visit("a")).step_json["steps"] == 1
+
+
+def test_visitors_resetting_at_once_are_read_in_one_batch_and_see_their_own_prompt(ctx, view):
+    """A class opening new prompts together: their prompts are read in one batched forward
+    (ctx.steps), and each visitor's view and next Step are what it would get alone."""
+    import threading
+
+    prompts = ["Hello, I am", "Once upon a time there was", "The", "def main():"]
+    alone = []
+    for k, p in enumerate(prompts):
+        out = view.reset(p, 1, 2, request=visit(f"alone-{k}"))
+        alone.append((out, view.step(p, 1, 2, request=visit(f"alone-{k}"))))
+    got, errors = {}, []
+
+    def together(work):
+        start = threading.Barrier(len(prompts))
+
+        def run(k):
+            try:
+                start.wait()
+                work(k)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+
+    ctx.steps.batches.clear()
+    together(lambda k: got.__setitem__(k, view.reset(prompts[k], 1, 2, request=visit(f"class-{k}"))))
+    assert max(ctx.steps.batches) > 1  # the new prompts were read together
+    together(lambda k: got.__setitem__((k, "step"), view.step(prompts[k], 1, 2, request=visit(f"class-{k}"))))
+    for k, (reset, step) in enumerate(alone):
+        assert got[k].step_json == reset.step_json
+        assert got[k].heatmap.layout.title.text == reset.heatmap.layout.title.text
+        np.testing.assert_allclose(np.array(got[k].heatmap.data[0].z, dtype=float),
+                                   np.array(reset.heatmap.data[0].z, dtype=float), atol=1e-6)  # float32 weights
+        assert got[k, "step"].step_json["ids"] == step.step_json["ids"]
+        timeless = [re.sub(r"Step time \d+ ms", "", out.kv) for out in (got[k, "step"], step)]
+        assert timeless[0] == timeless[1]  # the same readout: the work the step did (1 position after Reset)
+    assert "computed 1 position instead of" in got[0, "step"].kv

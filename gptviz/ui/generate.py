@@ -182,8 +182,10 @@ class GenerateView(StepPictures):
         """Back to the prompt (the prompt box's current text)."""
         v = self.ctx.visitor(request)
         with v.lock:
-            self.session(v, prompt).reset()
-            return self.main_view(v, layer, head)
+            s = self.session(v, prompt)
+            s.reset()
+            # drawn in a turn; a new session's prompt is read first, batched with other visitors' reads
+            return self.ctx.steps.read(s, then=lambda: self.main_view(v, layer, head))
 
     def details_view(self, v: Visitor, layer: Any, step: Any = None) -> Details:
         """(head average, all-heads grid, logit lens) of the visitor's session (``v.lock`` held)."""
@@ -273,8 +275,9 @@ class GenerateView(StepPictures):
     def wire(self) -> None:
         c, ctx = self.c, self.ctx
         main, event, knobs = components(Main, c), ctx.model_event, self.sampling_inputs
-        # Step and Step ×N take their turns on the model inside: ctx.steps batches the Steps of
-        # visitors who press at once, and the batch's leader draws their views in its turn.
+        # Step, Step ×N and Reset take their turns on the model inside: ctx.steps batches the Steps
+        # (and new prompts' reads) of visitors who press at once, and the batch's leader draws
+        # their views in its turn.
         # Every other model event runs in a turn of its own (ctx.turns).
         after = dict(fn=ctx.turns(self.details), inputs=[c["layer"], c["view_step"]], outputs=components(Details, c),
                      api_visibility="private", **event)
@@ -286,7 +289,7 @@ class GenerateView(StepPictures):
                                  main, api_name="step_n", **event).success(**after),
             c["undo_btn"].click(ctx.turns(self.undo), [c["layer"], c["head"]], main, api_name="undo",
                                 **event).success(**after),
-            c["reset_btn"].click(ctx.turns(self.reset), [c["prompt"], c["layer"], c["head"]], main, api_name="reset",
+            c["reset_btn"].click(self.reset, [c["prompt"], c["layer"], c["head"]], main, api_name="reset",
                                  **event).success(**after),
         ]
         gr.on([k.input for k in knobs], ctx.turns(self.candidates), [c["prompt"], *knobs], c["topk"],

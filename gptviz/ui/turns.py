@@ -1,5 +1,5 @@
 """Turns on the shared model: one unit of model work at a time, Steps first, and visitors' Steps
-that arrive together batched into one forward."""
+(and fresh prompts' reads) that arrive together batched into one forward."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from ..generation import GenerationSession, step_together
+from ..generation import GenerationSession, read_together, step_together
 
 __all__ = ["Turns", "StepBatcher"]
 
@@ -72,12 +72,14 @@ class Turns:
 class StepBatcher:
     """Visitors' Steps that arrive together run as one batched forward (the model's weights read
     once for all of them): a Step that finds no batch running leads one — it takes the model's
-    turn, gathers every Step waiting (up to ``max_batch``, same model, one new position each)
-    and runs them with :func:`~gptviz.generation.step_together`; the others wait for their
-    result. Alone, a Step runs at once: no waiting window. Steps that cannot be batched (a
-    prefill, a cropped context) run alone in their turn.
+    turn, gathers every Step waiting (up to ``max_batch``, same model) and runs them with
+    :func:`~gptviz.generation.step_together` (one new position each); the others wait for their
+    result. Alone, a Step runs at once: no waiting window. Fresh sessions' first reads — a
+    prompt's prefill, from a Step or from :meth:`read` (Reset) — are gathered the same way and
+    run with :func:`~gptviz.generation.read_together`. Anything else (a long prompt, a cropped
+    context) runs alone in its turn.
 
-    Each Step may bring ``then``, what to do right after it (drawing its visitor's view): the
+    Each job may bring ``then``, what to do right after it (drawing its visitor's view): the
     leader runs every ``then`` of its batch in the same turn, so no visitor's Python work runs
     beside a forward pass (see :mod:`gptviz.ui.serving` for why that matters)."""
 
@@ -91,8 +93,15 @@ class StepBatcher:
     def step(self, session: GenerationSession, then: Callable[[], Any] | None = None) -> Any:
         """One step of ``session`` (its visitor's lock held by the caller), then ``then()`` in the
         same turn; returns what ``then`` returned (None without it)."""
-        job = _Job(session, then)
-        if not session.batchable or self.turns.mine():  # a caller inside its own turn steps alone
+        return self._submit(_Job(session, then, step=True))
+
+    def read(self, session: GenerationSession, then: Callable[[], Any]) -> Any:
+        """``then()`` (a view of ``session``, its visitor's lock held) in a turn; a fresh session's
+        prompt is read first, batched with other visitors' reads, so ``then`` finds it read."""
+        return self._submit(_Job(session, then, step=False))
+
+    def _submit(self, job: "_Job") -> Any:
+        if not job.batchable() or self.turns.mine():  # a caller inside its own turn runs alone
             with self.turns.turn(Turns.STEP):
                 job.run_alone()
             return job.result()
@@ -119,25 +128,38 @@ class StepBatcher:
         for job in batch:
             groups.setdefault(id(job.session.model), []).append(job)
         for jobs in groups.values():
-            ready = [j for j in jobs if j.session.batchable]
-            try:
-                step_together([j.session for j in ready])
-            except BaseException as e:  # noqa: BLE001 - handed to each visitor's own thread
-                for j in ready:
-                    j.finish(error=e)
-            for j in ready:
-                if not j.done:
-                    j.draw()
+            fresh = [j for j in jobs if j.session.fresh]
+            ready = [j for j in jobs if j.step and j.session.batchable]
+            # a Step keeps the logits its read gave; a view (Reset) keeps the rows and the cache only
+            _together([j for j in fresh if j.step], lambda ss: read_together(ss, keep_logits=True))
+            _together([j for j in fresh if not j.step], lambda ss: read_together(ss, keep_logits=False))
+            _together(ready, step_together)
             for j in jobs:
-                if not j.done:  # changed meanwhile (cannot happen under the visitor's lock): alone
+                if j.done:
+                    continue
+                if j in ready:
+                    j.draw()
+                else:  # read: its view; a fresh session's step: from the logits just read; else alone
                     j.run_alone()
         self.batches = (self.batches + [len(batch)])[-256:]
 
 
+def _together(jobs: list["_Job"], run: Callable[[list[GenerationSession]], Any]) -> None:
+    """``run`` on the jobs' sessions at once; an error goes to each of those visitors' threads."""
+    try:
+        run([j.session for j in jobs])
+    except BaseException as e:  # noqa: BLE001 - handed to each visitor's own thread
+        for j in jobs:
+            j.finish(error=e)
+
+
 class _Job:
-    def __init__(self, session: GenerationSession, then: Callable[[], Any] | None) -> None:
-        self.session, self.then = session, then
+    def __init__(self, session: GenerationSession, then: Callable[[], Any] | None, step: bool) -> None:
+        self.session, self.then, self.step = session, then, step
         self.done, self.value, self.error = False, None, None
+
+    def batchable(self) -> bool:
+        return self.session.fresh or (self.step and self.session.batchable)
 
     def finish(self, value: Any = None, error: BaseException | None = None) -> None:
         self.done, self.value, self.error = True, value, error
@@ -150,11 +172,12 @@ class _Job:
             self.finish(error=e)
 
     def run_alone(self) -> None:
-        try:
-            self.session.step(1)
-        except BaseException as e:  # noqa: BLE001
-            self.finish(error=e)
-            return
+        if self.step:
+            try:
+                self.session.step(1)
+            except BaseException as e:  # noqa: BLE001
+                self.finish(error=e)
+                return
         self.draw()
 
     def result(self) -> Any:
