@@ -34,6 +34,18 @@ def lens_top1(model: GPTModel, residuals: torch.Tensor) -> tuple[list[int], list
     return top.indices.tolist(), probs.tolist()
 
 
+def _lens_together(model: GPTModel, kept: list[torch.Tensor | None]) -> list[tuple[list[int], list[float]] | None]:
+    """Each session's lens residuals ``(n_layers - 1, emb)`` (None: its lens is off) as its lens
+    answers (top-1 ids, probabilities): every visitor's lens in one product with the head."""
+    rows = [r for r in kept if r is not None]
+    if not rows:
+        return kept
+    ids_all, probs_all = lens_top1(model, torch.cat(rows))
+    n = rows[0].shape[0]
+    answers = iter((ids_all[j : j + n], probs_all[j : j + n]) for j in range(0, len(ids_all), n))
+    return [next(answers) if r is not None else None for r in kept]
+
+
 def step_together(sessions: list[GenerationSession]) -> list[StepRecord]:
     """One step of each session, their model reads batched into one forward (NEW: serving many
     visitors; the weights are read once for all of them instead of once each).
@@ -63,12 +75,7 @@ def step_together(sessions: list[GenerationSession]) -> list[StepRecord]:
         for i, (s, end) in enumerate(zip(sessions, ends)):
             attentions = [att[i : i + 1, ..., :end] for att in trace.attentions]  # (1, n_heads, 1, end): its own keys
             kept.append(s._absorb(end, end - 1, 0, s._cache, attentions, [r[i : i + 1] for r in trace.residuals]))
-        rows = [r for r in kept if r is not None]
-        if rows:  # every visitor's lens in one product with the head
-            ids_all, probs_all = lens_top1(model, torch.cat(rows))
-            n = rows[0].shape[0]
-            answers = iter((ids_all[j : j + n], probs_all[j : j + n]) for j in range(0, len(ids_all), n))
-            kept = [next(answers) if r is not None else None for r in kept]
+        kept = _lens_together(model, kept)
     for i, (s, end) in enumerate(zip(sessions, ends)):
         s._pending = (end, logits[i], kept[i], 1)
     return [s.step(1)[0] for s in sessions]
@@ -106,12 +113,8 @@ def read_together(sessions: list[GenerationSession], keep_logits: bool = True) -
             cache.truncate(end)  # the padding's keys and values go
             attentions = [att[i : i + 1, :, :end, :end] for att in trace.attentions]  # (1, n_heads, end, end)
             kept.append(s._absorb(end, 0, 0, cache, attentions, [r[i : i + 1, :end] for r in trace.residuals]))
-        rows = [r for r in kept if r is not None]
-        if rows:  # every visitor's lens in one product with the head
-            ids_all, probs_all = lens_top1(model, torch.cat(rows))
-            n = rows[0].shape[0]
-            answers = iter((ids_all[j : j + n], probs_all[j : j + n]) for j in range(0, len(ids_all), n))
-            kept = [next(answers) if r is not None else None for r in kept]
+        if keep_logits:
+            kept = _lens_together(model, kept)
     if keep_logits:
         for i, (s, end) in enumerate(zip(sessions, ends)):
             s._pending = (end, logits[i], kept[i], end)
