@@ -113,8 +113,6 @@ def read_together(sessions: list[GenerationSession], keep_logits: bool = True) -
             cache.truncate(end)  # the padding's keys and values go
             attentions = [att[i : i + 1, :, :end, :end] for att in trace.attentions]  # (1, n_heads, end, end)
             kept.append(s._absorb(end, 0, 0, cache, attentions, [r[i : i + 1, :end] for r in trace.residuals]))
-        if keep_logits:
-            kept = _lens_together(model, kept)
-    if keep_logits:
-        for i, (s, end) in enumerate(zip(sessions, ends)):
-            s._pending = (end, logits[i], kept[i], end)
+        if keep_logits:  # the next step's read, with every visitor's lens in one product
+            for s, end, logit, lens_answers in zip(sessions, ends, logits, _lens_together(model, kept)):
+                s._pending = (end, logit, lens_answers, end)

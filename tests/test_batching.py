@@ -28,6 +28,29 @@ def solo_runs(model, enc, steps):
     return runs
 
 
+def assert_as_alone(a, b, n_layers):
+    """Session ``b`` (batched) holds what ``a`` (alone) holds: the same tokens and candidates, lens,
+    attention and cache, to float32 tolerance (one batched product instead of one per session)."""
+    assert a.ids == b.ids
+    for ra, rb in zip(a.steps, b.steps):
+        assert [c.token_id for c in ra.candidates] == [c.token_id for c in rb.candidates]
+        torch.testing.assert_close(torch.tensor([c.prob for c in rb.candidates]),
+                                   torch.tensor([c.prob for c in ra.candidates]), atol=1e-6, rtol=1e-4)
+        assert [e.token_id for e in ra.lens] == [e.token_id for e in rb.lens]
+        torch.testing.assert_close(torch.tensor([e.prob for e in rb.lens]), torch.tensor([e.prob for e in ra.lens]),
+                                   atol=1e-6, rtol=1e-4)
+    assert_same_attention(a, b, n_layers)
+    assert b.cache_tokens == a.cache_tokens
+
+
+def assert_same_attention(a, b, n_layers):
+    for layer in range(n_layers):
+        wa, pa = a.attention(layer)
+        wb, pb = b.attention(layer)
+        assert pa == pb
+        torch.testing.assert_close(wb, wa, atol=1e-6, rtol=0)  # attention weights in [0, 1], float32
+
+
 def test_batched_forward_over_caches_of_different_lengths_equals_each_row_alone(tiny_model):
     rows = [torch.randint(0, 50257, (1, n)) for n in (3, 9, 1, 14)]
     caches = [KVCache.for_model(tiny_model) for _ in rows]
@@ -59,19 +82,7 @@ def test_step_together_gives_every_session_its_solo_tokens_and_numbers(tiny_mode
         assert all(s.batchable for s in together)
         step_together(together)
     for a, b in zip(solo, together):
-        assert a.ids == b.ids
-        for ra, rb in zip(a.steps, b.steps):
-            assert [c.token_id for c in ra.candidates] == [c.token_id for c in rb.candidates]
-            torch.testing.assert_close(torch.tensor([c.prob for c in rb.candidates]),
-                                       torch.tensor([c.prob for c in ra.candidates]), atol=1e-6, rtol=1e-4)
-            torch.testing.assert_close(torch.tensor([e.prob for e in rb.lens]), torch.tensor([e.prob for e in ra.lens]),
-                                       atol=1e-6, rtol=1e-4)
-        for layer in range(tiny_model.cfg.n_layers):
-            wa, pa = a.attention(layer)
-            wb, pb = b.attention(layer)
-            assert pa == pb
-            torch.testing.assert_close(wb, wa, atol=1e-6, rtol=0)  # attention weights in [0, 1], float32
-        assert b.cache_tokens == a.cache_tokens
+        assert_as_alone(a, b, tiny_model.cfg.n_layers)
 
 
 def test_read_together_reads_fresh_prompts_of_different_lengths_as_each_alone(tiny_model, enc):
@@ -83,31 +94,12 @@ def test_read_together_reads_fresh_prompts_of_different_lengths_as_each_alone(ti
     assert not any(s.fresh for s in together)
     for p, s in zip(PROMPTS, together):  # the prompt is read: its cache and attention rows are kept
         assert s.cache_tokens == len(s.prompt_ids)
-        alone = GenerationSession(tiny_model, enc, p)
-        for layer in range(tiny_model.cfg.n_layers):
-            wa, pa = alone.attention(layer)  # its own read of the prompt
-            wb, pb = s.attention(layer)
-            assert pa == pb
-            torch.testing.assert_close(wb, wa, atol=1e-6, rtol=0)  # attention weights in [0, 1], float32
+        assert_same_attention(GenerationSession(tiny_model, enc, p), s, tiny_model.cfg.n_layers)  # its own read
     for a, b in zip(solo, together):
         records = b.step(6)
         assert records[0].positions_computed == len(b.prompt_ids)  # reported as the prefill it was
         assert [r.positions_computed for r in records[1:]] == [1] * 5
-        assert a.ids == b.ids
-        for ra, rb in zip(a.steps, b.steps):
-            assert [c.token_id for c in ra.candidates] == [c.token_id for c in rb.candidates]
-            # Not bit-exact: one (b·T, emb) product against one per prompt; float32, as step_together.
-            torch.testing.assert_close(torch.tensor([c.prob for c in rb.candidates]),
-                                       torch.tensor([c.prob for c in ra.candidates]), atol=1e-6, rtol=1e-4)
-            assert [e.token_id for e in ra.lens] == [e.token_id for e in rb.lens]
-            torch.testing.assert_close(torch.tensor([e.prob for e in rb.lens]), torch.tensor([e.prob for e in ra.lens]),
-                                       atol=1e-6, rtol=1e-4)
-        for layer in range(tiny_model.cfg.n_layers):
-            wa, pa = a.attention(layer)
-            wb, pb = b.attention(layer)
-            assert pa == pb
-            torch.testing.assert_close(wb, wa, atol=1e-6, rtol=0)
-        assert b.cache_tokens == a.cache_tokens
+        assert_as_alone(a, b, tiny_model.cfg.n_layers)  # one (b·T, emb) product against one per prompt
 
 
 def test_a_view_read_then_batched_steps_match_solo_steps(tiny_model, enc):
@@ -125,12 +117,8 @@ def test_a_view_read_then_batched_steps_match_solo_steps(tiny_model, enc):
     for _ in range(4):
         step_together(together)
     for a, b in zip(solo, together):
-        assert a.ids == b.ids
         assert [r.positions_computed for r in b.steps] == [r.positions_computed for r in a.steps] == [1] * 4
-        for ra, rb in zip(a.steps, b.steps):
-            torch.testing.assert_close(torch.tensor([c.prob for c in rb.candidates]),
-                                       torch.tensor([c.prob for c in ra.candidates]), atol=1e-6, rtol=1e-4)
-        assert b.cache_tokens == a.cache_tokens
+        assert_as_alone(a, b, tiny_model.cfg.n_layers)
 
 
 def test_read_together_refuses_what_it_cannot_batch(tiny_model, enc):

@@ -365,4 +365,3 @@ class AppContext:
             with turns.turn(priority):
                 return rendered(fn(*args, **kwargs))
         return call
-
