@@ -1,7 +1,7 @@
 """Batched steps: several sessions' next steps in one forward of the shared model
 (:func:`step_together`), several fresh sessions' prompts read in one forward
-(:func:`read_together`), and the logit lens of many rows in one product with the output head
-(:func:`lens_top1`).
+(:func:`read_together`); every visitor's prediction and logit lens come from one product with
+the output head (:func:`~gptviz.session_reads.predict_with_lens`).
 
 :mod:`gptviz.generation` re-exports both.
 """
@@ -14,36 +14,13 @@ import torch
 
 from .kv_cache import BatchKVCache, KVCache
 from .model import GPTModel
-from .session_reads import _require_eval
+from .session_reads import _require_eval, predict_with_lens
 from .trace import Trace
 
 if TYPE_CHECKING:
     from .generation import GenerationSession, StepRecord
 
-__all__ = ["lens_top1", "read_together", "step_together"]
-
-
-def lens_top1(model: GPTModel, residuals: torch.Tensor) -> tuple[list[int], list[float]]:
-    """Top-1 id and probability of the logit lens ``out_head(final_norm(x))`` for each row of
-    ``(n, emb)``: one product with the output head for all rows (the head is the largest matrix
-    of the model; reading it once for every block, and every visitor of a batch, is the point)."""
-    with torch.inference_mode():
-        logits = model.logit_lens(residuals).float()  # (n, vocab): one product with the head for all rows
-        top = logits.max(dim=-1)
-        probs = torch.exp(top.values - torch.logsumexp(logits, dim=-1))  # softmax at the top-1
-    return top.indices.tolist(), probs.tolist()
-
-
-def _lens_together(model: GPTModel, kept: list[torch.Tensor | None]) -> list[tuple[list[int], list[float]] | None]:
-    """Each session's lens residuals ``(n_layers - 1, emb)`` (None: its lens is off) as its lens
-    answers (top-1 ids, probabilities): every visitor's lens in one product with the head."""
-    rows = [r for r in kept if r is not None]
-    if not rows:
-        return kept
-    ids_all, probs_all = lens_top1(model, torch.cat(rows))
-    n = rows[0].shape[0]
-    answers = iter((ids_all[j : j + n], probs_all[j : j + n]) for j in range(0, len(ids_all), n))
-    return [next(answers) if r is not None else None for r in kept]
+__all__ = ["read_together", "step_together"]
 
 
 def step_together(sessions: list[GenerationSession]) -> list[StepRecord]:
@@ -70,14 +47,14 @@ def step_together(sessions: list[GenerationSession]) -> list[StepRecord]:
     trace = Trace(("attn_weights", "residual") if lens else ("attn_weights",))
     cache = BatchKVCache([s._cache for s in sessions])
     with torch.inference_mode():
-        logits = model(ids, cache, trace=trace, last_only=True, positions=positions)[:, -1]  # (b, vocab)
+        finals = model(ids, cache, trace=trace, last_only=True, positions=positions, head=False)[:, -1]  # (b, emb)
         kept = []
         for i, (s, end) in enumerate(zip(sessions, ends)):
             attentions = [att[i : i + 1, ..., :end] for att in trace.attentions]  # (1, n_heads, 1, end): its own keys
             kept.append(s._absorb(end, end - 1, 0, s._cache, attentions, [r[i : i + 1] for r in trace.residuals]))
-        kept = _lens_together(model, kept)
-    for i, (s, end) in enumerate(zip(sessions, ends)):
-        s._pending = (end, logits[i], kept[i], 1)
+        logits, answers = predict_with_lens(model, finals, kept)
+    for s, end, logit, lens_answers in zip(sessions, ends, logits, answers):
+        s._pending = (end, logit, lens_answers, 1)
     return [s.step(1)[0] for s in sessions]
 
 
@@ -107,12 +84,12 @@ def read_together(sessions: list[GenerationSession], keep_logits: bool = True) -
     trace = Trace(("attn_weights", "residual") if lens else ("attn_weights",))
     caches = [KVCache.for_model(model) for _ in sessions]
     with torch.inference_mode():
-        logits = model(ids, BatchKVCache(caches), trace=trace, last_only=last)[:, -1]  # (b, vocab)
+        finals = model(ids, BatchKVCache(caches), trace=trace, last_only=last, head=False)[:, -1]  # (b, emb)
         kept = []
         for i, (s, end, cache) in enumerate(zip(sessions, ends, caches)):
             cache.truncate(end)  # the padding's keys and values go
             attentions = [att[i : i + 1, :, :end, :end] for att in trace.attentions]  # (1, n_heads, end, end)
             kept.append(s._absorb(end, 0, 0, cache, attentions, [r[i : i + 1, :end] for r in trace.residuals]))
-        if keep_logits:  # the next step's read, with every visitor's lens in one product
-            for s, end, logit, lens_answers in zip(sessions, ends, logits, _lens_together(model, kept)):
+        if keep_logits:  # the next step's read: every visitor's prediction and lens in one product
+            for s, end, logit, lens_answers in zip(sessions, ends, *predict_with_lens(model, finals, kept)):
                 s._pending = (end, logit, lens_answers, end)

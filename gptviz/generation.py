@@ -31,7 +31,7 @@ from typing import Iterator
 import tiktoken
 import torch
 
-from .batching import lens_top1, read_together, step_together
+from .batching import read_together, step_together
 from .kv_cache import KVCache
 from .model import GPTModel
 from .sampling import _check_sampling, _check_seed, sampling_distribution
@@ -169,8 +169,8 @@ class GenerationSession(SessionReads):
         self._ids = list(ids)
         self._records_bytes = 0
         self._generator = torch.Generator()  # on the CPU, where the draw is made (same draws on every device)
-        # The next step's read, made early by next_distribution(): (len(ids) it read, logits, residuals, computed).
-        self._pending: tuple[int, torch.Tensor, torch.Tensor | None, int] | None = None
+        # The next step's read, made early by next_distribution(): (len(ids) it read, logits, lens answers, computed).
+        self._pending: tuple[int, torch.Tensor, tuple[list[int], list[float]] | None, int] | None = None
         self._cache: KVCache | None = None  # kept only while the context is uncropped
         # Attention rows, a ring over positions: (n_layers, n_heads, attn_window + UNDO_ROWS, attn_window),
         # valid for positions [_lo, _hi), computed in the context starting at _rows_c0.
@@ -301,7 +301,7 @@ class GenerationSession(SessionReads):
         t0 = time.perf_counter()
         end = len(self._ids)
         start = max(0, end - self.model.cfg.context_length)
-        logits, residuals, computed = self._next_read()
+        logits, lens_answers, computed = self._next_read()
         self._pending = None
         probs = torch.softmax(logits.float(), dim=-1)  # (vocab,)
         greedy = int(torch.argmax(probs))  # the source: softmax, then argmax
@@ -311,8 +311,8 @@ class GenerationSession(SessionReads):
         top = torch.topk(probs, min(self.top_k, probs.numel()))
         candidates = self._candidates(top.indices.tolist(), top.values.tolist(), sample_probs, kept)
         lens: list[LensEntry] = []
-        if residuals is not None:
-            top1_ids, top1_probs = self._lens_top1(residuals)
+        if lens_answers is not None:  # the lens of every block but the last, from the read's product with the head
+            top1_ids, top1_probs = lens_answers
             ids = top1_ids + [greedy]  # the last layer's lens is the model's own prediction
             ps = top1_probs + [float(probs[greedy])]
             lens = [LensEntry(layer, i, self._piece(i), p) for layer, (i, p) in enumerate(zip(ids, ps))]
@@ -341,7 +341,7 @@ class GenerationSession(SessionReads):
         self._records_bytes += _deep_size(record)
         return record
 
-    def _next_read(self) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    def _next_read(self) -> tuple[torch.Tensor, tuple[list[int], list[float]] | None, int]:
         """The read of the next step: the one next_distribution() kept, else a fresh one."""
         end = len(self._ids)
         if self._pending is not None and self._pending[0] == end:
@@ -369,7 +369,7 @@ class GenerationSession(SessionReads):
 
         Cost: the first call after an action runs the next step's read (one position with a warm
         cache; the prompt on a fresh session) and keeps its result, the next step's logits
-        ``(vocab,)`` (201 kB in fp32 for GPT-2) plus the lens residuals, counted in
+        ``(vocab,)`` (201 kB in fp32 for GPT-2) plus the lens answers, counted in
         :attr:`retained_bytes`; the step then uses it instead of running the model again, so a
         visitor who steps pays nothing extra. Later calls (e.g. after :meth:`set_sampling`)
         reuse it: no model work, only the cut-offs (a sort of the vocabulary, ~2 ms).
@@ -390,13 +390,6 @@ class GenerationSession(SessionReads):
         mass = float(probs.cpu()[kept].double().sum())
         self._enforce_budget()
         return NextDistribution(end, candidates, int(kept.sum()), mass, self.temperature == 0)
-
-    def _lens_top1(self, residuals: torch.Tensor | tuple[list[int], list[float]]) -> tuple[list[int], list[float]]:
-        """Top-1 id and probability of the logit lens ``out_head(final_norm(x))`` for each row of
-        ``(n, emb)`` (or the answer itself, when :func:`step_together` computed it for a batch)."""
-        if isinstance(residuals, tuple):
-            return residuals
-        return lens_top1(self.model, residuals)
 
     def _draw(self, probs: torch.Tensor, position: int) -> int:
         """One draw from ``probs`` (vocab,) on the CPU, seeded by (seed, position) only."""

@@ -160,7 +160,7 @@ def head_roles(
     ids = probe_ids(cfg.vocab_size, probe_len, n_probes, seed).to(model.device)  # (n_probes, T)
     trace = _RoleTrace(probe_len)
     with torch.inference_mode():
-        model(ids, trace=trace, last_only=True)
+        model(ids, trace=trace, last_only=True, head=False)  # only the trace is wanted
     rows = []
     for layer in range(cfg.n_layers):
         scores = trace.scores[layer]  # role -> (n_heads,)

@@ -110,7 +110,7 @@ def next_logits_in_slices(model: GPTModel, batch: torch.Tensor, head_mask: torch
         length = next(follow, None) if follow is not None else slice_len
         with torch.no_grad():
             while length is not None and n - cache.length > length:
-                model(batch[:, cache.length : cache.length + length], cache, head_mask=head_mask, last_only=True)
+                model(batch[:, cache.length : cache.length + length], cache, head_mask=head_mask, head=False)  # the cache
                 spent = time.perf_counter() - t0
                 if clock is not None:
                     clock[0] += spent

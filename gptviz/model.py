@@ -358,6 +358,7 @@ class GPTModel(nn.Module):
         head_mask: torch.Tensor | None = None,
         last_only: bool | torch.Tensor = False,
         positions: torch.Tensor | None = None,
+        head: bool = True,
     ) -> torch.Tensor:
         """Logits ``(b, T, vocab_size)`` for token ids ``(b, T)``.
 
@@ -368,6 +369,9 @@ class GPTModel(nn.Module):
         tensor: each row's own last position (rows right-padded to one length). ``positions``:
         ``(b, T)`` absolute positions per row, for rows that continue caches of different lengths
         (a :class:`~gptviz.kv_cache.BatchKVCache`: several visitors' steps in one forward).
+        ``head=False``: stop before ``final_norm`` and return the last block's residual stream
+        ``(b, T, emb)`` (after ``last_only``): the caller runs :meth:`logit_lens` on it together
+        with other rows, so one read of the output head serves the prediction and the logit lens.
         """
         batch_size, seq_len = in_idx.shape
         start = cache.length if cache is not None else 0  # NEW (KV cache): positions already cached
@@ -398,6 +402,8 @@ class GPTModel(nn.Module):
             x = x[torch.arange(batch_size, device=x.device), last_only][:, None]  # (b, 1, emb)
         elif last_only:  # NEW (speed): generation needs the last position's logits only
             x = x[:, -1:, :]  # (b, 1, emb)
+        if not head:  # NEW (speed): the head runs later, in one product with the lens rows
+            return x  # (b, T, emb): the residual stream after the last block
         x = self.final_norm(x)
         logits = self.out_head(x)  # (b, T, vocab)
         return logits

@@ -181,6 +181,21 @@ def test_attention_capture_is_causal_and_costs_nothing(tiny_model, tiny_cfg):
     torch.testing.assert_close(tiny_model.logit_lens(residuals[-1]), plain)
 
 
+def test_head_false_stops_at_the_last_blocks_residual(tiny_model):
+    idx = torch.randint(0, 50257, (2, 9))
+    trace = Trace(("residual",))
+    with torch.no_grad():
+        plain = tiny_model(idx)
+        hidden = tiny_model(idx, trace=trace, head=False)
+        last = tiny_model(idx, head=False, last_only=True)
+        rows = tiny_model(idx, head=False, last_only=torch.tensor([3, 8]))
+    # Exact: head=False runs the same blocks on the same shapes and stops before final_norm.
+    assert hidden.shape == (2, 9, tiny_model.cfg.emb_dim) and torch.equal(hidden, trace.residuals[-1])
+    assert torch.equal(last, hidden[:, -1:]) and torch.equal(rows[:, 0], hidden[[0, 1], [3, 8]])
+    # Exact too: the head run afterwards is the forward's own final_norm and out_head on the same rows.
+    assert torch.equal(tiny_model.logit_lens(hidden), plain)
+
+
 def test_trace_last_rows_and_layers(tiny_model):
     idx = torch.randint(0, 50257, (1, 10))
     full, part = Trace(), Trace(layers=[1], last_rows=1)
