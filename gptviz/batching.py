@@ -1,9 +1,10 @@
 """Batched steps: several sessions' next steps in one forward of the shared model
-(:func:`step_together`), several fresh sessions' prompts read in one forward
-(:func:`read_together`); every visitor's prediction and logit lens come from one product with
-the output head (:func:`~gptviz.session_reads.predict_with_lens`).
+(:func:`step_together`), or only their reads, kept for the steps (:func:`next_reads_together`);
+several fresh sessions' prompts read in one forward (:func:`read_together`). Every visitor's
+prediction and logit lens come from one product with the output head
+(:func:`~gptviz.session_reads.predict_with_lens`).
 
-:mod:`gptviz.generation` re-exports both.
+:mod:`gptviz.generation` re-exports the three.
 """
 
 from __future__ import annotations
@@ -20,23 +21,29 @@ from .trace import Trace
 if TYPE_CHECKING:
     from .generation import GenerationSession, StepRecord
 
-__all__ = ["read_together", "step_together"]
+__all__ = ["next_reads_together", "read_together", "step_together"]
 
 
-def step_together(sessions: list[GenerationSession]) -> list[StepRecord]:
-    """One step of each session, their model reads batched into one forward (NEW: serving many
-    visitors; the weights are read once for all of them instead of once each).
+def next_reads_together(sessions: list[GenerationSession]) -> None:
+    """The next step's read of each session — one new position through its kept cache — in one
+    batched forward (NEW: serving many visitors; the weights are read once for all of them
+    instead of once each), kept for its step: each session's next ``step()`` then runs no forward.
 
-    Every session must be :attr:`~GenerationSession.batchable` and share one model. Each gets
-    the record its own ``step()`` would give: the same token choice, logits equal to float32
-    tolerance (one batched matrix product instead of one per visitor), its own attention rows,
-    lens and cache.
+    Every session must be :attr:`~GenerationSession.batchable` and share one model. Each keeps
+    what its own read would keep: its attention rows, lens and cache, and logits equal to
+    float32 tolerance (one batched matrix product instead of one per visitor).
     """
+    _next_reads(sessions)
+    for s in sessions:
+        s._enforce_budget()  # after every public action
+
+
+def _next_reads(sessions: list[GenerationSession]) -> None:
     if not sessions:
-        return []
+        return
     model = sessions[0].model
     if any(s.model is not model or not s.batchable for s in sessions):
-        raise ValueError("step_together needs batchable sessions of one model")
+        raise ValueError("batched reads need batchable sessions of one model")
     _require_eval(model)
     ends = [len(s._ids) for s in sessions]
     for s, end in zip(sessions, ends):
@@ -55,6 +62,13 @@ def step_together(sessions: list[GenerationSession]) -> list[StepRecord]:
         logits, answers = predict_with_lens(model, finals, kept)
     for s, end, logit, lens_answers in zip(sessions, ends, logits, answers):
         s._pending = (end, logit, lens_answers, 1)
+
+
+def step_together(sessions: list[GenerationSession]) -> list[StepRecord]:
+    """One step of each session, their model reads batched into one forward
+    (:func:`next_reads_together`). Each gets the record its own ``step()`` would give: the same
+    token choice, logits equal to float32 tolerance, its own attention rows, lens and cache."""
+    _next_reads(sessions)
     return [s.step(1)[0] for s in sessions]
 
 

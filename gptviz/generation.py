@@ -31,7 +31,7 @@ from typing import Iterator
 import tiktoken
 import torch
 
-from .batching import read_together, step_together
+from .batching import next_reads_together, read_together, step_together
 from .kv_cache import KVCache
 from .model import GPTModel
 from .sampling import _check_sampling, _check_seed, sampling_distribution
@@ -47,6 +47,7 @@ __all__ = [
     "GenerationSession",
     "generate_greedy",
     "step_together",
+    "next_reads_together",
     "read_together",
     "sampling_distribution",
     "DEFAULT_MAX_RETAINED_BYTES",

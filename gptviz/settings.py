@@ -80,6 +80,7 @@ class Settings:
     model_concurrency: int = 16  # model events admitted at once (they take turns on the model)
     model_store_capacity: int = 3  # shared models kept built
     max_uploads: int = 2  # visitors' own uploaded models held at once (least recently used released)
+    read_ahead: bool = True  # a visitor's next step read while the model is idle (GPTVIZ_READ_AHEAD=0: off)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -98,6 +99,7 @@ class Settings:
             allow_upload=(not on_space) if upload is None else upload,
             max_upload_bytes=_bytes(env.get("GPTVIZ_MAX_UPLOAD_BYTES"), cls.max_upload_bytes),
             on_space=on_space,
+            read_ahead=_flag(env.get("GPTVIZ_READ_AHEAD")) is not False,
         )
 
     @property

@@ -64,6 +64,18 @@ def assert_clear_top1(logits: torch.Tensor, margin: float = TOP1_MARGIN) -> None
                                   f"(< {margin}); choose inputs whose greedy choices are clearly separated")
 
 
+def count_forwards(monkeypatch, model) -> list[int]:
+    """How many times ``model`` runs its forward from now on (one counter in a list)."""
+    calls, forward = [0], model.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counted)
+    return calls
+
+
 # --------------------------------------------------------------------------- the app (gptviz.ui)
 
 

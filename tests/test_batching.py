@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from gptviz import GPTConfig, GPTModel, KVCache
-from gptviz.generation import GenerationSession, read_together, step_together
+from gptviz.generation import GenerationSession, next_reads_together, read_together, step_together
 from gptviz.kv_cache import BatchKVCache
 from gptviz.ui.serving import StepBatcher, Turns
 
-from .conftest import assert_clear_top1
+from .conftest import assert_clear_top1, count_forwards
 
 pytestmark = pytest.mark.numeric
 
@@ -83,6 +83,28 @@ def test_step_together_gives_every_session_its_solo_tokens_and_numbers(tiny_mode
         step_together(together)
     for a, b in zip(solo, together):
         assert_as_alone(a, b, tiny_model.cfg.n_layers)
+
+
+def test_reads_made_ahead_together_are_what_each_step_then_uses_without_a_forward(tiny_model, enc, monkeypatch):
+    solo = solo_runs(tiny_model, enc, 8)  # alone; their choices are clear (the step_together test checks)
+    ahead = [GenerationSession(tiny_model, enc, p) for p in PROMPTS]
+    for s in ahead:
+        s.step(1)  # the prefill runs alone
+    calls = count_forwards(monkeypatch, tiny_model)
+    for _ in range(7):
+        next_reads_together(ahead)
+        assert calls[0] == 1 and not any(s.batchable for s in ahead)  # one forward for all; each read kept
+        assert all(s.retained_bytes <= s.max_retained_bytes for s in ahead)  # the kept reads are in the budget
+        for s in ahead:
+            s.step(1)
+        assert calls[0] == 1  # the steps ran no forward of their own
+        calls[0] = 0
+    for a, b in zip(solo, ahead):
+        assert_as_alone(a, b, tiny_model.cfg.n_layers)
+    ahead[0].undo()  # an Undo drops a kept read: the next step reads again
+    next_reads_together(ahead[1:2])
+    ahead[1].undo()
+    assert ahead[0].step(1)[0].token_id == solo[0].ids[-1] and ahead[1].step(1)[0].token_id == solo[1].ids[-1]
 
 
 def test_read_together_reads_fresh_prompts_of_different_lengths_as_each_alone(tiny_model, enc):

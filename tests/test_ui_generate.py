@@ -14,7 +14,7 @@ from gptviz.settings import Settings
 from gptviz.tokenizer import label
 from gptviz.ui.generate import Details, GenerateView, Heads, Main
 
-from .conftest import seeded, source_greedy, visit
+from .conftest import count_forwards, seeded, source_greedy, visit
 
 PROMPT = "Hello, I am"
 HELLO_IDS = [15496, 11, 314, 716]  # what GPT-2's tokenizer gives
@@ -44,6 +44,26 @@ def test_steps_follow_the_source_greedy_loop(ctx, view, a, tiny_cfg):
     assert outs[-1].step_json["ids"] == ctx.visitor(a).session.ids
     text = outs[-1].gen_text
     assert len(re.findall(r'class="chip gen[^"]*" style', text)) == 6 and "gen last" in text
+
+
+def test_after_a_pause_the_next_step_was_read_ahead_and_runs_no_forward(ctx, view, a, tiny_cfg, monkeypatch):
+    for k in range(4):  # after Step, Step ×N, Undo and Reset alike
+        if k == 0:
+            view.step(PROMPT, 0, 0, request=a)
+        elif k == 1:
+            list(view.step_n(PROMPT, 3, 0, 0, request=a))
+        elif k == 2:
+            view.undo(0, 0, request=a)
+        else:
+            view.reset(PROMPT, 0, 0, request=a)
+        assert ctx.ahead.idle()  # the visitor pauses: the model is free, the next step is read
+        model = ctx.visitor(a).session.model
+        calls = count_forwards(monkeypatch, model)
+        out = view.step(PROMPT, 0, 0, request=a)
+        assert calls[0] == 0  # the step only chose and drew
+        monkeypatch.undo()
+        n = len(ctx.visitor(a).session.steps)
+        assert out.step_json["ids"] == source_greedy(seeded(tiny_cfg), HELLO_IDS, n)  # the tokens of the source
 
 
 def test_step_view_shows_this_steps_numbers(ctx, view, a):

@@ -139,11 +139,13 @@ def test_a_closed_tab_frees_its_session_unless_busy(ctx):
         assert v.session is not None
     assert len(ctx.visitors) == 0 and ctx.visitor(visit("a")) is not v  # forgotten all the same
     del v
+    assert ctx.ahead.idle()  # a read ahead of its next step, if one was running, is over
     gc.collect()
     assert session() is None  # nothing else holds it: its KV cache and history are gone
     gen.step(PROMPT, 0, 0, request=visit("b"))
     b = ctx.visitor(visit("b"))
     session = weakref.ref(b.session)
+    assert ctx.ahead.idle()
     ctx.visitors.release("b")  # idle: freed at once
     assert b.session is None
     gc.collect()
@@ -152,7 +154,8 @@ def test_a_closed_tab_frees_its_session_unless_busy(ctx):
 
 
 def test_live_sessions_are_capped_least_recently_used_first(make_ctx):
-    ctx = make_ctx(max_live_sessions=3)
+    # no reads ahead: the worker holds a visitor's lock for a moment, which the cap reads as busy
+    ctx = make_ctx(max_live_sessions=3, read_ahead=False)
     gen = GenerateView(ctx)
     vs = [ctx.visitor(visit(str(k))) for k in range(5)]
     for k in range(3):

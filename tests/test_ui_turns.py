@@ -1,11 +1,15 @@
-"""Turns on the shared model: one at a time, waiting Steps before waiting analyses, re-entrant."""
+"""Turns on the shared model: one at a time, waiting Steps before waiting analyses, re-entrant;
+reads made ahead after both."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
-from gptviz.ui.turns import Turns
+from gptviz.ui.turns import ReadAhead, Turns
+
+from .conftest import count_forwards
 
 
 def test_waiting_steps_go_before_waiting_analyses():
@@ -49,3 +53,69 @@ def test_one_at_a_time_and_reentrant():
     for t in threads:
         t.join(30)
     assert most[0] == 1 and not turns.locked() and not turns.mine()
+
+
+class _Visitor:
+    """What ReadAhead reads of a visitor: its lock and its session."""
+
+    def __init__(self, session):
+        self.lock, self.session = threading.Lock(), session
+
+
+def _stepped(model, enc, prompt="Hello, I am", n=2):
+    from gptviz.generation import GenerationSession
+
+    s = GenerationSession(model, enc, prompt)
+    s.step(n)
+    return s
+
+
+def test_reads_ahead_wait_behind_steps_and_analyses_and_serve_the_next_step(tiny_model, enc, monkeypatch):
+    turns = Turns()
+    ahead = ReadAhead(turns)
+    try:
+        a, b = _Visitor(_stepped(tiny_model, enc)), _Visitor(_stepped(tiny_model, enc, "The"))
+        solo = _stepped(tiny_model, enc, n=3)
+        order = []
+        turns.acquire(Turns.STEP)  # a Step is running
+        waiter = threading.Thread(target=lambda: (turns.acquire(Turns.ANALYSIS), order.append("analysis"),
+                                                  time.sleep(0.2), turns.release()))
+        waiter.start()
+        time.sleep(0.1)
+        ahead.want(a)
+        ahead.want(b)
+        time.sleep(0.2)
+        assert ahead.reads == 0  # nothing read while the model is taken ...
+        turns.release()
+        assert ahead.idle() and order == ["analysis"]  # ... nor before the waiting analysis
+        assert ahead.reads == 2 and not a.session.batchable and not b.session.batchable  # both read, in one go
+        calls = count_forwards(monkeypatch, tiny_model)
+        a.session.step(1)
+        assert calls[0] == 0 and a.session.ids == solo.ids  # the read ahead is the step's own read
+        waiter.join(5)
+    finally:
+        ahead.close()
+
+
+def test_reads_ahead_skip_busy_and_gone_visitors_and_can_be_off(tiny_model, enc):
+    turns = Turns()
+    ahead = ReadAhead(turns)
+    off = ReadAhead(turns, enabled=False)
+    try:
+        busy, empty, later = _Visitor(_stepped(tiny_model, enc)), _Visitor(None), _Visitor(_stepped(tiny_model, enc))
+        with busy.lock:  # acting now: its own event reads
+            ahead.want(busy)
+            ahead.want(empty)
+            assert ahead.idle()
+        assert ahead.reads == 0 and busy.session.batchable
+        gone = _Visitor(_stepped(tiny_model, enc))
+        turns.acquire(Turns.STEP)
+        ahead.want(gone)
+        del gone  # left before the model was free: not kept alive, not read
+        gc.collect()
+        turns.release()
+        assert ahead.idle() and ahead.reads == 0
+        off.want(later)
+        assert off.idle() and later.session.batchable and off.reads == 0
+    finally:
+        ahead.close()

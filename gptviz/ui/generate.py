@@ -141,7 +141,9 @@ class GenerateView(StepPictures):
         settings = sampling.settings_of(temperature, top_k, top_p, seed)
         v = self.ctx.visitor(request)
         with v.lock:
-            return self.step_once(v, prompt, settings, then=lambda: self.main_view(v, layer, head))
+            view = self.step_once(v, prompt, settings, then=lambda: self.main_view(v, layer, head))
+        self.ctx.ahead.want(v)  # the next step's read, while the model is idle
+        return view
 
     def step_n(self, prompt: str, n: Any, layer: Any, head: Any, temperature: Any = 0, top_k: Any = 0,
                top_p: Any = 1, seed: Any = sampling.DEFAULT_SEED, request: gr.Request = None) -> Iterator[Main]:
@@ -155,9 +157,11 @@ class GenerateView(StepPictures):
         if not 1 <= count <= limit:
             raise error(f"Step ×N takes 1 to {limit} steps per click, got {count}.")
         v = self.ctx.visitor(request)
-        for _ in range(count):
+        for k in range(count):
             with v.lock:
                 view = self.step_once(v, prompt, settings, then=lambda: self.main_view(v, layer, head))
+            if k == count - 1:
+                self.ctx.ahead.want(v)  # the next click's read, while the model is idle
             yield view
 
     def candidates_csv(self, step: Any, request: gr.Request) -> str | None:
@@ -176,7 +180,9 @@ class GenerateView(StepPictures):
                 gr.Warning("Nothing to undo: only the prompt is left.")
                 return skip(Main)
             v.session.undo()
-            return self.main_view(v, layer, head)
+            view = self.main_view(v, layer, head)
+        self.ctx.ahead.want(v)
+        return view
 
     def reset(self, prompt: str, layer: Any, head: Any, request: gr.Request) -> Main:
         """Back to the prompt (the prompt box's current text)."""
@@ -185,7 +191,9 @@ class GenerateView(StepPictures):
             s = self.session(v, prompt)
             s.reset()
             # drawn in a turn; a new session's prompt is read first, batched with other visitors' reads
-            return self.ctx.steps.read(s, then=lambda: self.main_view(v, layer, head))
+            view = self.ctx.steps.read(s, then=lambda: self.main_view(v, layer, head))
+        self.ctx.ahead.want(v)
+        return view
 
     def details_view(self, v: Visitor, layer: Any, step: Any = None) -> Details:
         """(head average, all-heads grid, logit lens) of the visitor's session (``v.lock`` held)."""

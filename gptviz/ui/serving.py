@@ -45,7 +45,7 @@ from ..model import GPTModel
 from ..settings import DTYPES, RANDOM, SEED, Settings
 from ..weights import WeightsError, WeightsSource, estimated_bytes, is_allowed_name, load_pretrained
 from .components import rendered
-from .turns import StepBatcher, Turns
+from .turns import ReadAhead, StepBatcher, Turns
 
 __all__ = ["UPLOAD", "ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "StepBatcher", "AppContext", "build_model", "error"]
 
@@ -299,6 +299,7 @@ class AppContext:
         self.visitors = Visitors(self.default_spec, s.max_sessions, s.max_live_sessions, s.session_ttl_s)
         self.turn = Turns()  # one unit of model work at a time, steps first
         self.steps = StepBatcher(self.turn)  # visitors' concurrent Steps in one forward
+        self.ahead = ReadAhead(self.turn, enabled=s.read_ahead)  # next steps read while the model is idle
 
     # --- visitors and their models
     def visitor(self, request: Any) -> Visitor:
