@@ -11,6 +11,7 @@ Nothing else in gptviz reads the environment for its behaviour: the app builds o
 | ``GPTVIZ_MAX_MODEL_BYTES`` | 4 GB | weights a visitor may build or load |
 | ``GPTVIZ_ALLOW_UPLOAD`` | on locally, off on a Space | visitors may upload their own checkpoint |
 | ``GPTVIZ_MAX_UPLOAD_BYTES`` | 1 GB | size limit of one upload |
+| ``GPTVIZ_READ_AHEAD`` | on | read a visitor's next step while the model is idle (``0``: off) |
 """
 
 from __future__ import annotations

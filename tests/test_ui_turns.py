@@ -119,3 +119,22 @@ def test_reads_ahead_skip_busy_and_gone_visitors_and_can_be_off(tiny_model, enc)
         assert off.idle() and later.session.batchable and off.reads == 0
     finally:
         ahead.close()
+
+
+def test_no_reads_ahead_while_a_class_steps_together(tiny_model, enc):
+    from gptviz.ui.turns import StepBatcher
+
+    turns = Turns()
+    batcher = StepBatcher(turns)
+    ahead = ReadAhead(turns, crowded=batcher.crowded)
+    try:
+        v = _Visitor(_stepped(tiny_model, enc))
+        batcher.batches = [3]  # the last batch served three visitors' Steps at once
+        ahead.want(v)
+        assert ahead.idle() and ahead.reads == 0 and v.session.batchable  # left to be batched with the others'
+        batcher.step(v.session)  # a Step alone again: a batch of one
+        assert batcher.batches[-1] == 1 and not batcher.crowded()
+        ahead.want(v)
+        assert ahead.idle() and ahead.reads == 1 and not v.session.batchable
+    finally:
+        ahead.close()

@@ -299,7 +299,8 @@ class AppContext:
         self.visitors = Visitors(self.default_spec, s.max_sessions, s.max_live_sessions, s.session_ttl_s)
         self.turn = Turns()  # one unit of model work at a time, steps first
         self.steps = StepBatcher(self.turn)  # visitors' concurrent Steps in one forward
-        self.ahead = ReadAhead(self.turn, enabled=s.read_ahead)  # next steps read while the model is idle
+        # next steps read while the model is idle, unless a class is stepping together
+        self.ahead = ReadAhead(self.turn, enabled=s.read_ahead, crowded=self.steps.crowded)
 
     # --- visitors and their models
     def visitor(self, request: Any) -> Visitor:
