@@ -129,10 +129,19 @@ def test_no_reads_ahead_while_a_class_steps_together(tiny_model, enc):
     ahead = ReadAhead(turns, crowded=batcher.crowded)
     try:
         v = _Visitor(_stepped(tiny_model, enc))
-        batcher.batches = [3]  # the last batch served three visitors' Steps at once
+        others = [_stepped(tiny_model, enc, p) for p in ("The", "Once upon")]
+        threads = [threading.Thread(target=batcher.step, args=(s,)) for s in others]
+        with turns.turn():  # both Steps wait for the model, then run as one batch
+            for t in threads:
+                t.start()
+            time.sleep(0.2)
+        for t in threads:
+            t.join(10)
+        assert batcher.batches[-1] == 2 and batcher.crowded()
         ahead.want(v)
         assert ahead.idle() and ahead.reads == 0 and v.session.batchable  # left to be batched with the others'
-        batcher.step(v.session)  # a Step alone again: a batch of one
+        batcher.last_shared -= batcher.CROWD_S  # some seconds later, Steps come one at a time again
+        batcher.step(v.session)
         assert batcher.batches[-1] == 1 and not batcher.crowded()
         ahead.want(v)
         assert ahead.idle() and ahead.reads == 1 and not v.session.batchable

@@ -5,7 +5,9 @@ made ahead while the model has nothing else to do."""
 from __future__ import annotations
 
 import atexit
+import math
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -93,11 +95,16 @@ class StepBatcher:
         self._queue: list[_Job] = []
         self._leading = False
         self.batches: list[int] = []  # sizes of recent batches (for the load benchmark)
+        self.last_shared = -math.inf  # time.monotonic() of the last batch of more than one visitor's Steps
+
+    #: Seconds after a batch of several visitors' Steps during which :meth:`crowded` stays true.
+    CROWD_S = 2.0
 
     def crowded(self) -> bool:
-        """Steps are waiting or running, or the last batch held more than one visitor's."""
+        """Steps are waiting or running, or several visitors' Steps ran in one batch in the last
+        :attr:`CROWD_S` seconds (a class is stepping together)."""
         with self._cond:
-            return bool(self._queue) or self._leading or (bool(self.batches) and self.batches[-1] > 1)
+            return bool(self._queue) or self._leading or time.monotonic() - self.last_shared < self.CROWD_S
 
     def step(self, session: GenerationSession, then: Callable[[], Any] | None = None) -> Any:
         """One step of ``session`` (its visitor's lock held by the caller), then ``then()`` in the
@@ -151,6 +158,8 @@ class StepBatcher:
                 else:  # read: its view; a fresh session's step: from the logits just read; else alone
                     j.run_alone()
         self.batches = (self.batches + [len(batch)])[-256:]
+        if len(batch) > 1:
+            self.last_shared = time.monotonic()
 
 
 def _together(jobs: list["_Job"], run: Callable[[list[GenerationSession]], Any]) -> None:
@@ -210,9 +219,9 @@ class ReadAhead:
     new prompt drops it. At most one read ahead per visitor's action; ``enabled=False``: none.
 
     Only while Steps come one at a time: when ``crowded()`` says visitors' Steps are being
-    batched (a class stepping together), the wanted reads are dropped — their Steps batch better
-    than reads made one visitor at a time (measured: 16 visitors × 8 Steps, p95 0.41 s without
-    reads ahead, 0.72 s with them)."""
+    batched (a class stepping together: :meth:`StepBatcher.crowded`), the wanted reads are
+    dropped — their Steps batch better than reads made one visitor at a time (measured: 16
+    visitors × 8 Steps, p95 0.41 s without reads ahead, 0.72 s with them)."""
 
     def __init__(self, turns: Turns, max_batch: int = 16, enabled: bool = True,
                  crowded: Callable[[], bool] = lambda: False) -> None:
