@@ -5,6 +5,7 @@ made ahead while the model has nothing else to do."""
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import threading
 import time
@@ -15,6 +16,8 @@ from typing import Any, Callable, Iterator
 from ..generation import GenerationSession, next_reads_together, read_together, step_together
 
 __all__ = ["Turns", "StepBatcher", "ReadAhead"]
+
+_LOG = logging.getLogger(__name__)
 
 
 class Turns:
@@ -274,7 +277,7 @@ class ReadAhead:
                 with self.turns.turn(Turns.AHEAD):
                     self._read(refs)
             except Exception:  # noqa: BLE001 - a read ahead is only a head start: the step reads itself
-                pass
+                _LOG.warning("a read ahead failed; the visitors' next Steps read for themselves", exc_info=True)
             finally:
                 with self._cond:
                     self._busy = False
