@@ -23,6 +23,8 @@ round in turns (so load on a shared machine hits them alike), p50 ms per token a
 to transformers' float32 decode of the same rounds:
 
 * gptviz session step (attention recorded, top-10) in float32, float16 and bfloat16;
+* the same float32 step with one kernel forced for every product (``F.linear``, oneDNN's):
+  what :func:`~gptviz.model.linear`'s per-shape choice (``auto``) gains on this CPU;
 * the same step in float32 with the **book's layout and kernels** (every weight a contiguous
   (out, in) ``nn.Linear`` matrix of its own, so the three projections run unfused, and every
   product through ``F.linear``, :func:`~gptviz.model.book_kernels`): the speed-up of
@@ -60,7 +62,7 @@ import torch
 
 from .config import PRESETS, GPTConfig
 from .generation import GenerationSession, generate_greedy
-from .model import GPTModel
+from .model import GPTModel, choose_kernels
 from .tokenizer import get_encoding
 from .benchmark_kernels import (  # noqa: F401 (re-exported: b.serve, b.hf_decode_round run in child processes)
     Child,
@@ -163,6 +165,7 @@ def run(quick: bool = False, lens: bool = False, layouts: bool = False, kernels_
     contexts, steps, rounds = ((16, 512), 6, 2) if quick else (CONTEXTS, 10, 3)
     result: dict[str, Any] = {"threads": torch.get_num_threads(), "dtype": "float32", "contexts": {}}
     model = build_model()
+    result["chosen_kernels"] = choose_kernels(model)  # before any timing: what linear() runs here
     hf = importlib.util.find_spec("transformers") is not None
     result["transformers"] = "GPT2LMHeadModel, sdpa attention, random init, own process" if hf else None
     child = Child() if hf else None

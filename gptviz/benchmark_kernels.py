@@ -17,13 +17,13 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .config import PRESETS, GPTConfig
 from .generation import GenerationSession, generate_greedy
-from .model import GPTModel, book_kernels, linear
+from .model import CPU_KERNELS, GPTModel, book_kernels, chosen_kernel, linear, set_cpu_kernel
 from .tokenizer import get_encoding
 
 
@@ -193,10 +193,22 @@ KERNEL_ROWS = (
     ("float32", "gptviz step, float32"),
     ("float16", "gptviz step, float16"),
     ("bfloat16", "gptviz step, bfloat16"),
+    ("F.linear", "float32, every product F.linear"),
+    ("oneDNN", "float32, every product oneDNN"),
     ("plain", "float32, book's layout and kernels"),
     ("greedy", "gptviz generate_greedy, float32"),
     ("hf", "transformers generate, float32"),
 )
+
+
+@contextlib.contextmanager
+def forced_kernel(policy: str) -> Iterator[None]:
+    """``set_cpu_kernel(policy)`` for the block, ``auto`` after it."""
+    set_cpu_kernel(policy)
+    try:
+        yield
+    finally:
+        set_cpu_kernel("auto")
 
 
 def decode_kernels(model: GPTModel, child: Child | None, steps: int, rounds: int) -> dict[int, dict[str, Any]]:
@@ -207,6 +219,7 @@ def decode_kernels(model: GPTModel, child: Child | None, steps: int, rounds: int
         "float32": model,
         "float16": copy.deepcopy(model).to(torch.float16),
         "bfloat16": copy.deepcopy(model).to(torch.bfloat16),
+        **{name: model for name in CPU_KERNELS},  # the float32 step with one kernel forced for every shape
         "plain": plain_layout(model),
     }
     out: dict[int, dict[str, Any]] = {}
@@ -220,7 +233,7 @@ def decode_kernels(model: GPTModel, child: Child | None, steps: int, rounds: int
         for _ in range(rounds):
             got: dict[str, list[float]] = {}
             for key, session in sessions.items():
-                with book_kernels() if key == "plain" else contextlib.nullcontext():
+                with book_kernels() if key == "plain" else forced_kernel(key if key in CPU_KERNELS else "auto"):
                     records = session.step(steps)
                 got[key] = [r.ms for r in records if r.positions_computed == 1]
                 for _ in records:
@@ -252,7 +265,8 @@ def lens_products(repeat: int = 15) -> dict[str, float]:
     half, rows16 = head.half(), rows.half()
     with torch.inference_mode():
         cases = {
-            "linear(x, W): oneDNN (what the lens runs)": lambda: linear(rows, head),
+            f"linear(x, W): {chosen_kernel(head)} (what the lens runs)": lambda: linear(rows, head),
+            **({"oneDNN": lambda: CPU_KERNELS["oneDNN"](rows, head, None)} if "oneDNN" in CPU_KERNELS else {}),
             "(W @ x.T).T, MKL": lambda: (head @ rows.T).T.contiguous(),
             "F.linear(x, W), MKL": lambda: torch.nn.functional.linear(rows, head),
             "F.linear(x16, W16), float16 copy": lambda: torch.nn.functional.linear(rows16, half).float(),
@@ -264,13 +278,14 @@ def lens_products(repeat: int = 15) -> dict[str, float]:
 BANDWIDTH_COLUMNS = (
     ("F.linear (out, in)", "(out, in)", torch.nn.functional.linear),
     ("F.linear (in, out)", "(in, out)", torch.nn.functional.linear),
+    *((f"{name} (out, in)", "(out, in)", kernel) for name, kernel in CPU_KERNELS.items() if name != "F.linear"),
     ("linear() (out, in)", "(out, in)", linear),
 )
 
 
 def layout_bandwidth(repeat: int = 5) -> list[dict[str, Any]]:
     """GB/s that a one-row product reads its weight at, per gpt2 weight shape, dtype, storage
-    layout and kernel (F.linear, or :func:`~gptviz.model.linear`: oneDNN in float32); each over
+    layout and kernel (F.linear, oneDNN's, and :func:`~gptviz.model.linear`'s choice); each over
     enough distinct matrices (>= 200 MB) that they stream from memory, not from the cache."""
     shapes = {"W_query|W_key|W_value": (768, 2304), "out_proj": (768, 768), "ff.layers.0": (768, 3072),
               "ff.layers.2": (3072, 768), "out_head": (768, 50257)}  # fmt: skip
@@ -314,9 +329,13 @@ def report_kernels(result: dict[str, Any]) -> list[str]:
             low_ratio = f"{low / row['hf_min']:5.2f}x" if hf and low is not None else f"{'-':>6}"
             cells.append(f"{row[key]:14.1f} {ratio:>6} {spread:>13} " + (f"{low:7.1f} {low_ratio:>6}" if low else f"{'-':>7} {'-':>6}"))
         lines.append(f"{label:<38} " + " | ".join(cells))
+    if result.get("chosen_kernels"):
+        lines.append("  float32 kernels chosen on this CPU (linear's auto, timed per weight shape): "
+                     + ", ".join(f"{shape} {name}" for shape, name in result["chosen_kernels"].items()))
     for ctx, row in kernels.items():
+        forced = "; ".join(f"/ every product {k} {row['float32'] / row[k]:.2f}" for k in CPU_KERNELS if k in row)
         lines.append(
-            f"  ctx {ctx:>4}: float32 step / the book's layout and kernels {row['float32'] / row['plain']:.2f}; "
+            f"  ctx {ctx:>4}: float32 step {forced}; / the book's layout and kernels {row['float32'] / row['plain']:.2f}; "
             f"float16 / float32 {row['float16'] / row['float32']:.2f}; bfloat16 / float32 {row['bfloat16'] / row['float32']:.2f}"
         )
     lines.append(

@@ -14,9 +14,9 @@ Two more, for speed and half precision, also marked ``# NEW``:
 
 * **the product's kernel** (:class:`Linear`, :func:`linear`): a generation step multiplies
   one row by every weight matrix, so its speed is how fast the weights stream from memory.
-  On the CPU in float32 the book's ``nn.Linear`` layers run oneDNN's inner product, which
-  reads them ~1.6x faster than ``F.linear``'s kernel; ``Linear`` is ``nn.Linear`` with that
-  kernel (same parameters, names, ``repr``). The three attention projections share one
+  Which kernel streams them fastest differs from CPU to CPU, so on the CPU in float32 each
+  weight shape runs the faster of ``F.linear`` and oneDNN's inner product, timed once here;
+  ``Linear`` is ``nn.Linear`` with that choice (same parameters, names, ``repr``). The three attention projections share one
   buffer (:meth:`GPTModel.optimize_layout_`), so the attention runs them as one product.
   Names, shapes, values, ``state_dict`` keys and parameter counts stay the book's; the results
   agree with the book's kernels (:func:`book_kernels`) to float32 rounding.
@@ -29,19 +29,21 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _module
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils.flop_counter import register_flop_formula
 
 from .config import GPTConfig
 from .kv_cache import KVCache, LayerKVCache
 from .trace import ATTN_SCORES, ATTN_WEIGHTS, CONTEXT, FF_OUT, KEYS, QUERIES, RESID_MID, RESIDUAL, VALUES, LayerTrace, Trace
 
-__all__ = ["Linear", "linear", "book_kernels", "GELU", "FeedForward", "MultiHeadAttention", "LayerNorm", "TransformerBlock", "GPTModel"]
+__all__ = ["Linear", "linear", "book_kernels", "choose_kernels", "chosen_kernel", "chosen_kernels", "set_cpu_kernel", "CPU_KERNELS", "GELU", "FeedForward", "MultiHeadAttention", "LayerNorm", "TransformerBlock", "GPTModel"]
 
 
 # --------------------------------------------------------------------------- NEW (speed): the product's kernel
@@ -50,29 +52,90 @@ __all__ = ["Linear", "linear", "book_kernels", "GELU", "FeedForward", "MultiHead
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _book_kernels = threading.local()  # .on: every product through F.linear (book_kernels())
 
+#: The kernels :func:`linear` chooses between on the CPU in float32 (oneDNN's only where built in).
+CPU_KERNELS: dict[str, Any] = {"F.linear": F.linear}
+if _ONEDNN_LINEAR is not None:
+    CPU_KERNELS["oneDNN"] = lambda x, w, b: _ONEDNN_LINEAR(x, w, b, "none", [], "")
+KERNEL_POLICIES = ("auto", *CPU_KERNELS)  # auto: the fastest on this CPU, timed per weight shape
+_kernel_policy = "auto"
+_chosen: dict[tuple[tuple[int, ...], bool], str] = {}  # (weight shape, has bias) -> kernel name
+_choosing = threading.Lock()
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: ``x @ weight.T + bias``, weight ``(out, in)``.
 
-    On the CPU in float32 it runs oneDNN's inner product (the kernel ``torch.compile`` picks for
-    a CPU linear) instead of F.linear's MKL one: a generation step multiplies one row by every
-    weight matrix, so its speed is how fast the weights stream from memory, and oneDNN reads
-    ``nn.Linear``'s own ``(out, in)`` layout ~1.6x faster (17-22 against 11-12 GB/s for gpt2's
-    matrices; ``python -m gptviz.benchmark --layouts``); the logit lens's 12 rows against the
-    head take half the time. The same sums in another order: equal to float32 rounding.
-    F.linear wherever oneDNN has no such kernel (float16 and bfloat16 run F.linear), where
+    A generation step multiplies one row by every weight matrix, so its speed is how fast the
+    weights stream from memory, and which kernel streams ``nn.Linear``'s ``(out, in)`` layout
+    fastest differs from CPU to CPU: oneDNN's inner product (the kernel ``torch.compile`` picks
+    for a CPU linear) read gpt2's matrices at 17-22 GB/s where F.linear's MKL kernel read 11-12
+    on one Xeon, and at 9-17 against 13-19 on another (``python -m gptviz.benchmark --layouts``).
+    So on the CPU in float32 each weight shape runs the kernel that :func:`chosen_kernel` timed
+    fastest here (or the one :func:`set_cpu_kernel` names). The same sums in another order:
+    equal to float32 rounding. F.linear for float16 and bfloat16, on other devices, where
     gradients are wanted (oneDNN's op has no backward), and inside :func:`book_kernels`.
     """
     if (
-        _ONEDNN_LINEAR is not None
+        len(CPU_KERNELS) > 1
         and not getattr(_book_kernels, "on", False)
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and weight.is_contiguous()
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+        return CPU_KERNELS[chosen_kernel(weight, bias)](x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def chosen_kernel(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
+    """The kernel :func:`linear` runs for a float32 CPU ``weight`` of this shape: the policy's,
+    or under ``auto`` the one that read it fastest, timed once per shape in this process."""
+    if _kernel_policy != "auto":
+        return _kernel_policy
+    key = (tuple(weight.shape), bias is not None)
+    name = _chosen.get(key)
+    if name is None:
+        with _choosing:
+            name = _chosen.get(key) or _chosen.setdefault(key, _fastest(weight, bias))
+    return name
+
+
+def _fastest(weight: torch.Tensor, bias: torch.Tensor | None, rounds: int = 3) -> str:
+    """The kernel that multiplies one row by weights of this shape fastest, streamed from memory
+    as in a step: timed over copies filling >= 256 MB (more than a CPU's last cache), in turns."""
+    x = torch.zeros(1, weight.shape[1])
+    best = dict.fromkeys(CPU_KERNELS, math.inf)
+    with torch.no_grad(), _disable_current_modes():  # not counted by a FlopCounterMode around the first call
+        copies = [weight] + [weight.clone() for _ in range(min(63, -(-256_000_000 // weight.nbytes) - 1))]
+        for _ in range(rounds):
+            for name, kernel in CPU_KERNELS.items():
+                t0 = time.perf_counter()
+                for w in copies:
+                    kernel(x, w, bias)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return min(best, key=best.get)
+
+
+def set_cpu_kernel(policy: str) -> None:
+    """``auto`` (the default: each weight shape's fastest kernel on this CPU, timed on first use)
+    or one kernel of :data:`CPU_KERNELS` for every float32 CPU product (``GPTVIZ_KERNEL``)."""
+    global _kernel_policy
+    if policy != "auto" and policy not in CPU_KERNELS:
+        raise ValueError(f"the CPU kernel must be one of auto, {', '.join(CPU_KERNELS)}, got {policy!r}")
+    _kernel_policy = policy
+
+
+def choose_kernels(model: nn.Module) -> dict[str, str]:
+    """Time the kernels for each of ``model``'s weight shapes now (one row through the model),
+    so that its first step does not pay for it; returns :func:`chosen_kernels`."""
+    with torch.no_grad():
+        model(torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device))
+    return chosen_kernels()
+
+
+def chosen_kernels() -> dict[str, str]:
+    """What ``auto`` chose so far, ``"(out, in)[+bias]"`` -> kernel name (the benchmark prints it)."""
+    return {f"{shape}{'+bias' if has_bias else ''}": name for (shape, has_bias), name in sorted(_chosen.items())}
 
 
 if _ONEDNN_LINEAR is not None:  # FLOP counters (torch.utils.flop_counter) count it as F.linear's addmm

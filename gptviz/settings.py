@@ -12,6 +12,7 @@ Nothing else in gptviz reads the environment for its behaviour: the app builds o
 | ``GPTVIZ_ALLOW_UPLOAD`` | on locally, off on a Space | visitors may upload their own checkpoint |
 | ``GPTVIZ_MAX_UPLOAD_BYTES`` | 1 GB | size limit of one upload |
 | ``GPTVIZ_READ_AHEAD`` | on | read a visitor's next step while the model is idle (``0``: off) |
+| ``GPTVIZ_KERNEL`` | ``auto`` | float32 products on the CPU: ``auto`` (the faster kernel per weight shape, timed at start), ``F.linear`` or ``oneDNN`` |
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+
+from .model import KERNEL_POLICIES
 
 __all__ = ["Settings", "select_device", "DTYPES", "RANDOM", "SEED"]
 
@@ -82,10 +85,13 @@ class Settings:
     model_store_capacity: int = 3  # shared models kept built
     max_uploads: int = 2  # visitors' own uploaded models held at once (least recently used released)
     read_ahead: bool = True  # a visitor's next step read while the model is idle (GPTVIZ_READ_AHEAD=0: off)
+    cpu_kernel: str = "auto"  # GPTVIZ_KERNEL: gptviz.model.KERNEL_POLICIES
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"GPTVIZ_DTYPE must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.cpu_kernel not in KERNEL_POLICIES:
+            raise ValueError(f"GPTVIZ_KERNEL must be one of {', '.join(KERNEL_POLICIES)}, got {self.cpu_kernel!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -101,6 +107,7 @@ class Settings:
             max_upload_bytes=_bytes(env.get("GPTVIZ_MAX_UPLOAD_BYTES"), cls.max_upload_bytes),
             on_space=on_space,
             read_ahead=_flag(env.get("GPTVIZ_READ_AHEAD")) is not False,
+            cpu_kernel=env.get("GPTVIZ_KERNEL", "").strip() or "auto",
         )
 
     @property

@@ -59,10 +59,13 @@ def test_kernel_report_prints_every_row_with_its_ratio():
         row |= {f"{key}_ratio_range": (0.4, 0.6) for key, _ in b.KERNEL_ROWS}
         row |= {f"{key}_min": row[key] / 2 for key, _ in b.KERNEL_ROWS}
         kernels[ctx] = row
-    text = "\n".join(b.report_kernels({"kernels": kernels, "transformers": "x"}))
+    chosen = {"(768, 768)+bias": "F.linear", "(50257, 768)": "oneDNN"}
+    text = "\n".join(b.report_kernels({"kernels": kernels, "transformers": "x", "chosen_kernels": chosen}))
     for _, label in b.KERNEL_ROWS:
         assert label in text
     assert "0.50x" in text  # float32: 10 ms against transformers' 20 ms (p50, and min: 5 against 10)
     assert "    5.0  0.50x" in text
     assert "(0.40-0.60)" in text
-    assert "float32 step / the book's layout and kernels 0.77" in text  # 10 / 13
+    # rows 10, 11, 12, 13, 14, 15 ms: float32 against F.linear only, oneDNN only, the book's
+    assert "float32 step / every product F.linear 0.77; / every product oneDNN 0.71; / the book's layout and kernels 0.67" in text
+    assert "(768, 768)+bias F.linear, (50257, 768) oneDNN" in text

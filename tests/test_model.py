@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import math
 import platform
@@ -296,18 +297,28 @@ def test_model_runs_on_the_selected_device(tiny_cfg):
 # --------------------------------------------------------------------------- NEW (speed): the product's kernel
 
 
-def test_x86_builds_run_the_onednn_kernel():
-    # The speed path must be what CI measures and tests on x86, not a silent fallback.
-    if platform.machine() in ("x86_64", "AMD64"):
-        assert model_module._ONEDNN_LINEAR is not None
-
-
 # F.linear's MKL kernel and oneDNN's sum the same products in other orders: a few ulps of
 # O(1) results from up to 300-term dot products of O(1) values; 1e-5 is safe and 1e-3 would
 # catch any wrong element.
 KERNEL_TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+@contextlib.contextmanager
+def forced(kernel):
+    """One of the CPU kernels that ``linear`` may choose, for every product (auto after)."""
+    model_module.set_cpu_kernel(kernel)
+    try:
+        yield
+    finally:
+        model_module.set_cpu_kernel("auto")
+
+
+def test_both_kernels_are_candidates_on_x86():
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert set(model_module.CPU_KERNELS) == {"F.linear", "oneDNN"}
+
+
+@pytest.mark.parametrize("cpu_kernel", list(model_module.CPU_KERNELS))
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 5),
@@ -318,19 +329,63 @@ KERNEL_TOL = dict(atol=1e-5, rtol=1e-5)
     sliced=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_linear_equals_f_linear(rows, lead, d_in, d_out, bias, sliced, seed):
+def test_linear_equals_f_linear(cpu_kernel, rows, lead, d_in, d_out, bias, sliced, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*lead, rows + sliced, d_in, generator=g)[..., int(sliced) :, :]  # maybe not contiguous
     w = torch.randn(d_out, d_in, generator=g) / d_in**0.5
     b = torch.randn(d_out, generator=g) if bias else None
-    with torch.no_grad():
+    with torch.no_grad(), forced(cpu_kernel):
         got = linear(x, w, b)
+        assert model_module.chosen_kernel(w, b) == cpu_kernel
         with book_kernels():
             book = linear(x, w, b)
     expected = F.linear(x, w, b)
     assert torch.equal(book, expected)  # book_kernels(): F.linear itself, the same kernel both sides
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, **KERNEL_TOL)
+
+
+def test_auto_runs_the_kernel_timed_fastest_per_shape(monkeypatch):
+    calls = []
+
+    def slow(x, w, b):
+        calls.append(("slow", tuple(w.shape)))
+        sum(range(20_000))  # ~0.3 ms of Python: slower than any small product
+        return F.linear(x, w, b)
+
+    def fast(x, w, b):
+        calls.append(("fast", tuple(w.shape)))
+        return F.linear(x, w, b)
+
+    monkeypatch.setattr(model_module, "CPU_KERNELS", {"slow": slow, "fast": fast})
+    monkeypatch.setattr(model_module, "_chosen", {})
+    monkeypatch.setattr(model_module, "_kernel_policy", "auto")
+    x, w = torch.randn(2, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        y = linear(x, w)
+        timed = len(calls)
+        assert {name for name, _ in calls} == {"slow", "fast"}  # both were timed ...
+        calls.clear()
+        linear(x, w)
+        linear(torch.randn(1, 8), w)
+    assert calls == [("fast", (5, 8))] * 2  # ... once per shape: then only the faster one runs
+    assert timed >= 2 * 64  # over copies filling a last-level cache (64 of a small weight)
+    assert model_module.chosen_kernels() == {"(5, 8)": "fast"}
+    torch.testing.assert_close(y, F.linear(x, w), **KERNEL_TOL)
+    model_module.set_cpu_kernel("slow")  # a policy names one kernel for every shape
+    assert model_module.chosen_kernel(w) == "slow"
+    with pytest.raises(ValueError, match="auto, slow, fast"):
+        model_module.set_cpu_kernel("mkl")
+
+
+def test_timing_a_new_shape_is_not_counted_by_a_flop_counter(monkeypatch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(model_module, "_chosen", {})
+    x, w = torch.randn(1, 24), torch.randn(40, 24)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        linear(x, w)  # first use of this shape: both kernels timed over 64 copies
+    assert counter.get_total_flops() == 2 * 24 * 40
 
 
 def test_linear_keeps_gradients():

@@ -274,3 +274,19 @@ def test_visitors_can_step_from_many_threads_at_once(ctx, tiny_cfg, tiny_model):
             for _ in range(5):
                 ids = torch.cat([ids, tiny_model(ids[:, -tiny_cfg.context_length:])[:, -1].argmax(-1, keepdim=True)], 1)
         assert got[k] == ids[0].tolist()
+
+
+def test_the_operator_chooses_the_cpu_kernel():
+    import gptviz.model as model_module
+
+    assert Settings.from_env({}).cpu_kernel == "auto"
+    assert Settings.from_env({"GPTVIZ_KERNEL": " F.linear "}).cpu_kernel == "F.linear"
+    with pytest.raises(ValueError, match="GPTVIZ_KERNEL must be one of auto, F.linear"):
+        Settings.from_env({"GPTVIZ_KERNEL": "mkl"})
+    try:
+        AppContext(Settings(device="cpu", cpu_kernel="F.linear"))
+        assert model_module.chosen_kernel(torch.zeros(7, 3)) == "F.linear"  # every shape, no timing
+    finally:
+        model_module.set_cpu_kernel("auto")
+    AppContext(Settings(device="cpu"))
+    assert model_module._kernel_policy == "auto"

@@ -41,7 +41,7 @@ import torch
 from ..config import PRESETS, GPTConfig
 from ..generation import GenerationSession
 from ..inside import low_precision_copy
-from ..model import GPTModel
+from ..model import GPTModel, choose_kernels, set_cpu_kernel
 from ..settings import DTYPES, RANDOM, SEED, Settings
 from ..weights import WeightsError, WeightsSource, estimated_bytes, is_allowed_name, load_pretrained
 from .components import rendered
@@ -106,12 +106,14 @@ def build_model(spec: ModelSpec, device: torch.device) -> GPTModel:
     """Make the model a spec describes, on ``device``, in eval mode."""
     dtype = DTYPES[spec.dtype]
     if spec.source != RANDOM:
-        return load_pretrained(spec.source, device=device, dtype=dtype)
-    with _SEED_LOCK, torch.random.fork_rng(devices=[]):  # seeded init, without disturbing anyone's RNG
-        torch.manual_seed(SEED)
-        model = GPTModel(spec.cfg)
-    model = model.to(device=device, dtype=dtype).eval()
-    model.weights_source = WeightsSource.random(spec.cfg, SEED)
+        model = load_pretrained(spec.source, device=device, dtype=dtype)
+    else:
+        with _SEED_LOCK, torch.random.fork_rng(devices=[]):  # seeded init, without disturbing anyone's RNG
+            torch.manual_seed(SEED)
+            model = GPTModel(spec.cfg)
+        model = model.to(device=device, dtype=dtype).eval()
+        model.weights_source = WeightsSource.random(spec.cfg, SEED)
+    choose_kernels(model)  # NEW (speed): its shapes' CPU kernels timed now, not in a visitor's first Step
     return model
 
 
@@ -296,6 +298,7 @@ class AppContext:
         self.default_spec = default_spec or ModelSpec.default(self.settings)
         self.models = ModelStore(lambda spec: build_model(spec, self.device), self.settings.model_store_capacity)
         s = self.settings
+        set_cpu_kernel(s.cpu_kernel)  # NEW (speed): float32 products' kernel, per process (gptviz.model.linear)
         self.visitors = Visitors(self.default_spec, s.max_sessions, s.max_live_sessions, s.session_ttl_s)
         self.turn = Turns()  # one unit of model work at a time, steps first
         self.steps = StepBatcher(self.turn)  # visitors' concurrent Steps in one forward
