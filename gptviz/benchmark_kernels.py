@@ -286,7 +286,8 @@ BANDWIDTH_COLUMNS = (
 def layout_bandwidth(repeat: int = 5) -> list[dict[str, Any]]:
     """GB/s that a one-row product reads its weight at, per gpt2 weight shape, dtype, storage
     layout and kernel (F.linear, oneDNN's, and :func:`~gptviz.model.linear`'s choice); each over
-    enough distinct matrices (>= 200 MB) that they stream from memory, not from the cache."""
+    enough distinct matrices (>= 200 MB) that they stream from memory, not from the cache. None
+    where this CPU's kernel refuses the dtype (oneDNN's float16 without the CPU's float16 support)."""
     shapes = {"W_query|W_key|W_value": (768, 2304), "out_proj": (768, 768), "ff.layers.0": (768, 3072),
               "ff.layers.2": (3072, 768), "out_head": (768, 50257)}  # fmt: skip
     table = []
@@ -300,8 +301,12 @@ def layout_bandwidth(repeat: int = 5) -> list[dict[str, Any]]:
                 if layout == "(in, out)":
                     ws = [w.t().contiguous().t() for w in ws]
                 with torch.inference_mode():
-                    for w in ws:
-                        product(x, w, bias)  # warm-up
+                    try:
+                        for w in ws:
+                            product(x, w, bias)  # warm-up
+                    except RuntimeError:  # e.g. oneDNN's float16 product on a CPU without float16 support
+                        row[label] = None
+                        continue
                     t = ms(lambda: [product(x, w, bias) for w in ws], repeat) / 1e3
                 row[label] = n * d_in * d_out * dtype.itemsize / t / 1e9
                 del ws
@@ -351,7 +356,7 @@ def report_kernels(result: dict[str, Any]) -> list[str]:
         lines += ["", "one-row product x (1, in) by W: GB/s read, by kernel and storage layout"]
         lines.append(f"  {'weight':<22} {'(out, in)':>13} {'dtype':>9} " + " ".join(f"{h:>19}" for h in labels))
         lines += [
-            f"  {r['weight']:<22} {str(r['shape (out, in)']):>13} {r['dtype']:>9} " + " ".join(f"{r[h]:19.1f}" for h in labels)
+            f"  {r['weight']:<22} {str(r['shape (out, in)']):>13} {r['dtype']:>9} " + " ".join(f"{'—' if r[h] is None else f'{r[h]:.1f}':>19}" for h in labels)
             for r in result["layout_gb_s"]
         ]
     return lines

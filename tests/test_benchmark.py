@@ -6,6 +6,7 @@ import torch
 
 from gptviz import GPTConfig, GPTModel
 from gptviz import benchmark as b
+from gptviz import benchmark_kernels as bk
 from gptviz.model import book_kernels
 
 
@@ -69,3 +70,13 @@ def test_kernel_report_prints_every_row_with_its_ratio():
     # rows 10, 11, 12, 13, 14, 15 ms: float32 against F.linear only, oneDNN only, the book's
     assert "float32 step / every product F.linear 0.77; / every product oneDNN 0.71; / the book's layout and kernels 0.67" in text
     assert "(768, 768)+bias F.linear, (50257, 768) oneDNN" in text
+
+
+def test_layouts_table_shows_a_kernel_the_cpu_refuses_as_a_dash():
+    labels = [label for label, _, _ in bk.BANDWIDTH_COLUMNS]
+    row = {"weight": "out_proj", "shape (out, in)": (768, 768), "dtype": "float16"}
+    row |= {label: 12.5 for label in labels}
+    row[labels[2]] = None  # oneDNN's column: refused for float16 on a CPU without float16 support
+    line = b.report_kernels({"kernels": {}, "transformers": None, "layout_gb_s": [row]})[-1]
+    cells = line.split()[-len(labels):]
+    assert cells[2] == "—" and cells.count("12.5") == len(labels) - 1
