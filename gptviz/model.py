@@ -102,13 +102,20 @@ def chosen_kernel(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str
 
 def _fastest(weight: torch.Tensor, bias: torch.Tensor | None, rounds: int = 3) -> str:
     """The kernel that multiplies one row by weights of this shape fastest, streamed from memory
-    as in a step: timed over copies filling >= 256 MB (more than a CPU's last cache), in turns."""
+    as in a step: timed over copies filling >= 256 MB (more than a CPU's last cache), in turns;
+    a kernel that raises for this shape is left out."""
     x = torch.zeros(1, weight.shape[1])
     best = dict.fromkeys(CPU_KERNELS, math.inf)
     with torch.no_grad(), _disable_current_modes():  # not counted by a FlopCounterMode around the first call
         copies = [weight] + [weight.clone() for _ in range(min(63, -(-256_000_000 // weight.nbytes) - 1))]
+        for name, kernel in CPU_KERNELS.items():
+            try:
+                kernel(x, weight, bias)
+            except RuntimeError:  # refused by this CPU's build for this shape: no candidate (F.linear always is)
+                del best[name]
         for _ in range(rounds):
-            for name, kernel in CPU_KERNELS.items():
+            for name in list(best):
+                kernel = CPU_KERNELS[name]
                 t0 = time.perf_counter()
                 for w in copies:
                     kernel(x, w, bias)

@@ -378,6 +378,20 @@ def test_auto_runs_the_kernel_timed_fastest_per_shape(monkeypatch):
         model_module.set_cpu_kernel("mkl")
 
 
+def test_auto_leaves_out_a_kernel_that_refuses_the_shape(monkeypatch):
+    def refuses(x, w, b):
+        raise RuntimeError("could not create a primitive descriptor for the inner product")
+
+    monkeypatch.setattr(model_module, "CPU_KERNELS", {"F.linear": F.linear, "refuses": refuses})
+    monkeypatch.setattr(model_module, "_chosen", {})
+    monkeypatch.setattr(model_module, "_kernel_policy", "auto")
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    with torch.no_grad():
+        y = linear(x, w, b)
+    assert model_module.chosen_kernel(w, b) == "F.linear"
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=0, atol=0)  # the same kernel computed both
+
+
 def test_timing_a_new_shape_is_not_counted_by_a_flop_counter(monkeypatch):
     from torch.utils.flop_counter import FlopCounterMode
 
