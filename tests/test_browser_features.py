@@ -200,6 +200,19 @@ def test_why_panel_and_the_step_selector(app, browser):
     page.context.close()
 
 
+def test_the_candidates_download_box_shows_only_with_its_file(app, browser):
+    page = fresh_page(browser, base(app) + "/?tab=generate&prompt=Hello%2C%20I%20am&steps=2")
+    wait_chips(page, 6)
+    assert page.locator("#candidates-csv-btn").is_visible()
+    assert not page.locator("#candidates-csv").is_visible()  # no empty box before a file
+    page.click("#candidates-csv-btn")
+    page.locator("#candidates-csv [aria-label='gptviz-candidates-step-2.csv']").wait_for(state="visible")
+    link = page.locator("#candidates-csv a[download]")
+    assert link.get_attribute("download") == "gptviz-candidates-step-2.csv"
+    assert link.get_attribute("href").endswith("/gptviz-candidates-step-2.csv")
+    page.context.close()
+
+
 # --------------------------------------------------------------------------- (d, e) uploads
 
 

@@ -172,6 +172,10 @@ class GenerateView(StepPictures):
                 raise error("Press Step first: the candidates belong to a step.")
             return self._candidates_csv(v.session, self.viewed(v.session, step), request.session_hash)
 
+    def candidates_file(self, step: Any, request: gr.Request) -> gr.File:
+        """The download box under the candidates: hidden until the first CSV, then holding it."""
+        return gr.File(value=self.candidates_csv(step, request), visible=True)
+
     def undo(self, layer: Any, head: Any, request: gr.Request) -> Main:
         """Remove the last generated token (a warning, nothing else, at the start)."""
         v = self.ctx.visitor(request)
@@ -262,7 +266,8 @@ class GenerateView(StepPictures):
                 with gr.Row():  # made on demand: writing a file at every Step costs ~50 ms of it
                     c["cand_csv_btn"] = gr.Button("⬇ candidates as CSV", size="sm", scale=0, min_width=200,
                                                   elem_id="candidates-csv-btn")
-                    c["cand_csv"] = gr.File(show_label=False, interactive=False, height=60, elem_id="candidates-csv")
+                    c["cand_csv"] = gr.File(show_label=False, interactive=False, height=60, elem_id="candidates-csv",
+                                             visible=False)  # shown with the first file: no empty box before
         with gr.Row():
             c["layer"] = gr.Slider(0, max(1, n_layers - 1), value=0, step=1, label="Block (layer)",
                                    elem_id="layer-slider")
@@ -306,7 +311,7 @@ class GenerateView(StepPictures):
               components(Heads, c), api_name="attention", trigger_mode="always_last", **event)
         c["value_weighted"].input(ctx.turns(self.weighting), [c["value_weighted"], c["layer"], c["head"], c["view_step"]],
                                   components(Heads, c), api_name="value_weighted", **event)
-        c["cand_csv_btn"].click(self.candidates_csv, c["view_step"], c["cand_csv"], api_name="candidates_csv",
+        c["cand_csv_btn"].click(self.candidates_file, c["view_step"], c["cand_csv"], api_name="candidates_csv",
                                 show_progress="hidden")
         c["view_step"].input(ctx.turns(self.view), [c["view_step"], c["layer"], c["head"]], main, api_name="view_step",
                              trigger_mode="always_last", **event).success(**after)
