@@ -290,6 +290,12 @@ class GenerationSession(SessionReads):
                 and self._lo <= max(0, end - self.attn_window))
 
     @property
+    def next_read_made(self) -> bool:
+        """The next step's read is made and kept (read ahead, or by :meth:`next_distribution`):
+        that step runs no forward pass."""
+        return self._pending is not None and self._pending[0] == len(self._ids)
+
+    @property
     def fresh(self) -> bool:
         """Nothing read yet and the prompt fits the displayed attention window: its first read is
         one traced forward over the prompt, which can run batched with other fresh sessions'

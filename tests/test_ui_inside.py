@@ -199,7 +199,9 @@ def test_precision_memory_limit_counts_all_three_models(make_ctx, a, tiny_cfg):
         result(InsideView(make_ctx(max_model_bytes=need - 1)).precision(PROMPT, request=a))
 
 
-def test_kv_cache_view_shows_the_sessions_cache(view, gen, a, tiny_cfg):
+def test_kv_cache_view_shows_the_sessions_cache(make_ctx, a, tiny_cfg):
+    ctx = make_ctx(read_ahead=False)  # this test reads ahead itself, below: no worker racing it
+    view, gen = InsideView(ctx), GenerateView(ctx)
     out = view.kv_cache(request=a)
     assert isinstance(out, Cache) and "cache is empty" in out.kv_summary and len(out.kv_table) == 0
     for _ in gen.step_n(PROMPT, 3, 0, 0, request=a):
@@ -213,6 +215,13 @@ def test_kv_cache_view_shows_the_sessions_cache(view, gen, a, tiny_cfg):
     assert set(table["filled"]) == {f"{filled / 1e3:,.1f} kB"}
     assert f"<b>{cached} positions cached</b>" in summary and "<b>Step 3</b>" in summary
     assert "ran 1 of 6 positions" in summary  # step 3 read 6 tokens, 5 from the cache
+    assert "read ahead" not in summary
+    gen.ctx.visitor(a).session.next_distribution()  # the next step's read, as the app's read ahead makes it
+    ahead = view.kv_cache(request=a).kv_summary
+    assert "<b>7 positions cached</b>" in ahead and "ran 1 of 6 positions" in ahead  # still step 3's work
+    assert "The last position cached belongs to the next Step: read ahead while the model was idle" in ahead
+    gen.undo(0, 0, request=a)  # the cache still holds step 3's position, but nothing is read ahead now
+    assert "read ahead" not in view.kv_cache(request=a).kv_summary
     without, with_cache = figure.data
     assert with_cache.name == "with the KV cache" and all(a <= b for a, b in zip(with_cache.y, without.y))
     assert figure.layout.shapes[0].x0 == 6  # "now" marked at this step's context

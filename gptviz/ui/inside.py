@@ -294,12 +294,17 @@ class InsideView:
             else:  # back at the prompt, which stays cached
                 when, saved = "The next Step", cache_savings(cfg, min(len(s.ids), cfg.context_length), 1)
             n, t = saved.positions_cached, saved.context_len
+            ahead = cache.length - t if s.steps and s.next_read_made else 0  # positions the next step's read cached
             explanation = (
                 f"With the KV cache this step ran {n} of {t} positions through the model and read the keys and "
                 f"values of the other {t - n} from the cache; without it, all {t} positions are recomputed. Work ≈ "
                 f"{flops(saved.flops_cached)} instead of {flops(saved.flops_full)} ({saved.saving:.1f}× less). "
                 f"Counted: 2·12·d²·L per position for the linear layers, 4·d·L per (query, key) pair for attention, "
                 f"2·V·d once for the output head (d={cfg.emb_dim}, L={cfg.n_layers}, V={cfg.vocab_size}).")
+            if ahead > 0:
+                explanation += (f" The last {'position' if ahead == 1 else f'{ahead} positions'} cached "
+                                f"{'belongs' if ahead == 1 else 'belong'} to the next Step: read ahead while "
+                                "the model was idle, so that Step runs no forward pass.")
             summary = (
                 f'<div class="summary"><p><b>{cache.length} positions cached</b> in each of {cfg.n_layers} layers: '
                 f"keys and values of shape (b, n_heads, T, head_dim) = (1, {cfg.n_heads}, {cache.length}, "
