@@ -213,6 +213,25 @@ def test_the_candidates_download_box_shows_only_with_its_file(app, browser):
     page.context.close()
 
 
+def test_the_generate_views_figures_redraw_once_per_step_and_keep_the_export_buttons(app, browser):
+    page = fresh_page(browser, base(app) + "/?tab=generate&prompt=Hello%2C%20I%20am&steps=2")
+    wait_title(page, "heatmap", r"read by step 2$")
+    page.evaluate("""() => { window.__draws = 0;
+        document.querySelector('#heatmap .js-plotly-plot').on('plotly_afterplot', () => window.__draws++); }""")
+    page.click("#step-btn")
+    wait_title(page, "heatmap", r"read by step 3$")
+    page.wait_for_timeout(1000)  # any second draw (gr.Plot's resize) comes within a frame or two
+    assert page.evaluate("() => window.__draws") == 1
+    page.hover("#heatmap .js-plotly-plot")
+    titles = page.eval_on_selector_all("#heatmap .modebar-btn", "els => els.map(e => e.dataset.title)")
+    assert {"Download plot as a PNG", "Download as SVG"} <= set(titles) and "Share chart..." not in titles
+    page.get_by_role("tab", name="Parameters").click()  # a gr.Plot of another view keeps its SVG button
+    page.locator("#params-chart .js-plotly-plot").wait_for()
+    page.wait_for_function("() => document.querySelector(\"#params-chart .modebar-btn[data-title='Download as SVG']\")",
+                           timeout=TIMEOUT_MS)
+    page.context.close()
+
+
 # --------------------------------------------------------------------------- (d, e) uploads
 
 

@@ -3,6 +3,8 @@
 * :class:`Plot` is ``gr.Plot`` whose toolbar camera saves a PNG at twice the shown size, with
   the figure's title and axes (plotly's own image export, configured); the page script adds an
   SVG button beside it (:data:`EXPORT_JS`).
+* :class:`DirectPlot` shows the same figure with the same toolbar, drawn by plotly.js straight
+  into the page (one draw per new figure): the Generate view's figures, redrawn at every Step.
 * :func:`rendered` serialises a handler's figures now, the way :class:`Plot` would later: the
   context calls it in the model's turn (see :mod:`gptviz.ui.serving`).
 * :func:`csv_file` writes a table for a ``gr.DownloadButton`` (every table has one).
@@ -21,10 +23,12 @@ import pandas as pd
 import plotly.graph_objects as go
 from gradio.components.plot import PlotData
 
-__all__ = ["Plot", "rendered", "csv_file", "EXPORT_CONFIG", "EXPORT_JS", "csv_button"]
+__all__ = ["Plot", "DirectPlot", "rendered", "csv_file", "EXPORT_CONFIG", "EXPORT_JS", "csv_button"]
 
-#: plotly's config for every figure: PNG at 2× from the camera, no logo.
-EXPORT_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2, "filename": "gptviz"}, "displaylogo": False}
+#: plotly's config for every figure: PNG at 2× from the camera, no logo, no "Share chart" (a
+#: button plotly.js 3 shows by default: it uploads the figure to Chart Studio).
+EXPORT_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2, "filename": "gptviz"}, "displaylogo": False,
+                 "showSendToCloud": False}
 _CONFIG_JSON = json.dumps(EXPORT_CONFIG)
 
 #: Page script: an "SVG" button in every plot's toolbar (plotly's downloadImage, in the browser).
@@ -36,16 +40,16 @@ EXPORT_JS = """
   const withSvg = (config) => Object.assign({}, config, {modeBarButtonsToAdd: [svg]});
   const hook = () => {  // every later render gets the button: no extra redraw
     const P = window.Plotly;
-    if (!P || P.__gptviz) return !!P;
+    if (!P || P.__gptviz) return;
     const react = P.react;
     P.react = function (gd, data, layout, config) { return react.call(this, gd, data, layout, withSvg(config)); };
     P.__gptviz = true;
-    for (const gd of document.querySelectorAll('.js-plotly-plot')) {  // the ones drawn before the hook
-      if (gd._fullLayout) react.call(P, gd, gd.data, gd.layout, withSvg(gd._context));
+    for (const gd of document.querySelectorAll('.js-plotly-plot')) {  // gr.Plot's drawn before the hook
+      if (gd._fullLayout && !gd.__plotly) react.call(P, gd, gd.data, gd.layout, withSvg(gd._context));
     }
-    return true;
   };
-  const timer = setInterval(() => { if (hook()) clearInterval(timer); }, 300);
+  // Kept on: gr.Plot's plotly.js (window.Plotly once its chunk loads) may come after DirectPlot's.
+  setInterval(hook, 300);
 }
 """
 
@@ -63,6 +67,50 @@ class Plot(gr.Plot):
 
     def postprocess(self, value: Any) -> Any:
         return _plot_data(value) if isinstance(value, go.Figure) else super().postprocess(value)
+
+
+_PLOTLY_JS = Path(go.__file__).parent.parent / "package_data" / "plotly.min.js"  # the plotly package's own
+gr.set_static_paths([str(_PLOTLY_JS)])
+
+#: DirectPlot's script: one ``Plotly.react`` per new figure into the component's own div.
+_DIRECT_JS = """
+const P = () => window.__gptvizPlotly || (window.__gptvizPlotly = window.Plotly);
+const ICON = {width: 1000, height: 1000, path: 'M100 850h800v100H100zM450 50h100v500l150-150 70 70-270 270-270-270 70-70 150 150z'};
+const draw = () => {
+  const box = element.querySelector('.gv-plot'), plotly = box && (box.__plotly || (box.__plotly = P()));
+  if (!plotly || !props.value) return;
+  const f = JSON.parse(props.value);
+  const svg = {name: 'Download as SVG', title: 'Download as SVG', icon: ICON, click: (gd) => plotly.downloadImage(
+    gd, {format: 'svg', filename: 'gptviz-' + (element.id || 'figure').replace(/[^a-z0-9-]/gi, '')})};
+  f.layout.autosize = true;
+  plotly.react(box, f.data, f.layout, Object.assign({responsive: true}, f.config || {}, {modeBarButtonsToAdd: [svg]}));
+};
+const wait = () => { if (P()) draw(); else setTimeout(wait, 30); };
+wait();
+watch('value', draw);
+"""
+
+
+class DirectPlot(gr.HTML):
+    """NEW (speed): a figure drawn by plotly.js straight into the page, with :class:`Plot`'s
+    export toolbar (PNG at 2×, SVG). gr.Plot's frontend draws each new figure twice (``react``,
+    then ``Plots.resize``) and redraws on every layout change; this draws it once: the Generate
+    view's five figures cost ~480 ms of the page's JavaScript per Step with gr.Plot (Chromium's
+    profiler, this dev machine). Takes what :class:`Plot` takes: a figure or :func:`rendered`'s."""
+
+    def __init__(self, value: Any = None, *, elem_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(self._json(value), html_template='<div class="gv-plot"></div>', js_on_load=_DIRECT_JS,
+                         head=f'<script src="/gradio_api/file={_PLOTLY_JS}"></script>', apply_default_css=False,
+                         elem_id=elem_id, elem_classes=["gv-direct-plot"], **kwargs)
+
+    @staticmethod
+    def _json(value: Any) -> Any:
+        if isinstance(value, go.Figure):
+            value = _plot_data(value)
+        return value.plot if isinstance(value, PlotData) else value
+
+    def postprocess(self, value: Any) -> Any:
+        return self._json(value)
 
 
 def rendered(result: Any) -> Any:

@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 from .. import plots
 from ..generation import GenerationSession
 from ..tokenizer import encode, get_encoding
-from .components import Plot
+from .components import DirectPlot
 from .html import chips_html, note
 from .inputs import index, prompt_ids
 from .outputs import components, skip
@@ -262,7 +262,7 @@ class GenerateView(StepPictures):
                 c["gen_text"] = gr.HTML(preview, elem_id="gen-text", padding=True, min_height=120)
                 c["kv"] = gr.Markdown(main.kv, elem_id="kv-readout")
             with gr.Column(scale=2):
-                c["topk"] = Plot(main.topk, show_label=False, elem_id="topk-plot")
+                c["topk"] = DirectPlot(main.topk, show_label=False, elem_id="topk-plot")
                 with gr.Row():  # made on demand: writing a file at every Step costs ~50 ms of it
                     c["cand_csv_btn"] = gr.Button("⬇ candidates as CSV", size="sm", scale=0, min_width=200,
                                                   elem_id="candidates-csv-btn")
@@ -276,10 +276,10 @@ class GenerateView(StepPictures):
                                               elem_id="value-weighted",
                                               info="weight × ‖value‖: what each key really adds")
         with gr.Row():
-            c["heatmap"] = Plot(main.heatmap, show_label=False, elem_id="heatmap")
-            c["heatmap_avg"] = Plot(details.heatmap_avg, show_label=False, elem_id="heatmap-avg")
-        c["grid"] = Plot(details.grid, show_label=False, elem_id="heads-grid")
-        c["lens"] = Plot(details.lens, show_label=False, elem_id="lens-plot")
+            c["heatmap"] = DirectPlot(main.heatmap, show_label=False, elem_id="heatmap")
+            c["heatmap_avg"] = DirectPlot(details.heatmap_avg, show_label=False, elem_id="heatmap-avg")
+        c["grid"] = DirectPlot(details.grid, show_label=False, elem_id="heads-grid")
+        c["lens"] = DirectPlot(details.lens, show_label=False, elem_id="lens-plot")
         with gr.Accordion("Raw data of the last step (what the step API returns)", open=False,
                           elem_id="step-json-acc"):
             c["step_json"] = gr.JSON(main.step_json, elem_id="step-json", show_label=False)
