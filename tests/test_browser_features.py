@@ -220,15 +220,22 @@ def test_the_generate_views_figures_redraw_once_per_step_and_keep_the_export_but
         document.querySelector('#heatmap .js-plotly-plot').on('plotly_afterplot', () => window.__draws++); }""")
     page.click("#step-btn")
     wait_title(page, "heatmap", r"read by step 3$")
-    page.wait_for_timeout(1000)  # any second draw (gr.Plot's resize) comes within a frame or two
+    page.wait_for_timeout(1000)  # a second draw of the same figure would come within a frame or two
     assert page.evaluate("() => window.__draws") == 1
     page.hover("#heatmap .js-plotly-plot")
     titles = page.eval_on_selector_all("#heatmap .modebar-btn", "els => els.map(e => e.dataset.title)")
     assert {"Download plot as a PNG", "Download as SVG"} <= set(titles) and "Share chart..." not in titles
+    with page.expect_download() as download:
+        page.click("#heatmap .modebar-btn[data-title='Download as SVG']")
+    assert download.value.suggested_filename == "gptviz-heatmap.svg"
     page.get_by_role("tab", name="Parameters").click()  # a gr.Plot of another view keeps its SVG button
     page.locator("#params-chart .js-plotly-plot").wait_for()
     page.wait_for_function("() => document.querySelector(\"#params-chart .modebar-btn[data-title='Download as SVG']\")",
                            timeout=TIMEOUT_MS)
+    page.hover("#params-chart .js-plotly-plot")
+    with page.expect_download() as download:
+        page.click("#params-chart .modebar-btn[data-title='Download as SVG']")
+    assert download.value.suggested_filename == "gptviz-params-chart.svg"
     page.context.close()
 
 

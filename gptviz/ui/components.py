@@ -31,21 +31,26 @@ EXPORT_CONFIG = {"toImageButtonOptions": {"format": "png", "scale": 2, "filename
                  "showSendToCloud": False}
 _CONFIG_JSON = json.dumps(EXPORT_CONFIG)
 
-#: Page script: an "SVG" button in every plot's toolbar (plotly's downloadImage, in the browser).
-EXPORT_JS = """
-() => {
+#: ``withSvg(P, config)``: plotly ``config`` plus an "SVG" button (``P.downloadImage``: the
+#: plotly.js instance that drew the figure), shared by :data:`EXPORT_JS` and :class:`DirectPlot`.
+_WITH_SVG_JS = """
   const ICON = {width: 1000, height: 1000, path: 'M100 850h800v100H100zM450 50h100v500l150-150 70 70-270 270-270-270 70-70 150 150z'};
-  const svg = {name: 'Download as SVG', title: 'Download as SVG', icon: ICON, click: (gd) => window.Plotly.downloadImage(
-    gd, {format: 'svg', filename: 'gptviz-' + ((gd.closest('[id]') || {}).id || 'figure').replace(/[^a-z0-9-]/gi, '')})};
-  const withSvg = (config) => Object.assign({}, config, {modeBarButtonsToAdd: [svg]});
+  const withSvg = (P, config) => Object.assign({}, config, {modeBarButtonsToAdd: [{
+    name: 'Download as SVG', title: 'Download as SVG', icon: ICON, click: (gd) => P.downloadImage(
+      gd, {format: 'svg', filename: 'gptviz-' + ((gd.closest('.block[id]') || gd.closest('[id]') || {}).id || 'figure').replace(/[^a-z0-9-]/gi, '')})}]});
+"""
+
+#: Page script: an "SVG" button in every gr.Plot's toolbar (plotly's downloadImage, in the browser).
+EXPORT_JS = """
+() => {""" + _WITH_SVG_JS + """
   const hook = () => {  // every later render gets the button: no extra redraw
     const P = window.Plotly;
     if (!P || P.__gptviz) return;
     const react = P.react;
-    P.react = function (gd, data, layout, config) { return react.call(this, gd, data, layout, withSvg(config)); };
+    P.react = function (gd, data, layout, config) { return react.call(this, gd, data, layout, withSvg(P, config)); };
     P.__gptviz = true;
     for (const gd of document.querySelectorAll('.js-plotly-plot')) {  // gr.Plot's drawn before the hook
-      if (gd._fullLayout && !gd.__plotly) react.call(P, gd, gd.data, gd.layout, withSvg(gd._context));
+      if (gd._fullLayout && !gd.__plotly) react.call(P, gd, gd.data, gd.layout, withSvg(P, gd._context));
     }
   };
   // Kept on: gr.Plot's plotly.js (window.Plotly once its chunk loads) may come after DirectPlot's.
@@ -74,16 +79,13 @@ gr.set_static_paths([str(_PLOTLY_JS)])
 
 #: DirectPlot's script: one ``Plotly.react`` per new figure into the component's own div.
 _DIRECT_JS = """
-const P = () => window.__gptvizPlotly || (window.__gptvizPlotly = window.Plotly);
-const ICON = {width: 1000, height: 1000, path: 'M100 850h800v100H100zM450 50h100v500l150-150 70 70-270 270-270-270 70-70 150 150z'};
+const P = () => window.__gptvizPlotly || (window.__gptvizPlotly = window.Plotly);""" + _WITH_SVG_JS + """
 const draw = () => {
   const box = element.querySelector('.gv-plot'), plotly = box && (box.__plotly || (box.__plotly = P()));
   if (!plotly || !props.value) return;
   const f = JSON.parse(props.value);
-  const svg = {name: 'Download as SVG', title: 'Download as SVG', icon: ICON, click: (gd) => plotly.downloadImage(
-    gd, {format: 'svg', filename: 'gptviz-' + (element.id || 'figure').replace(/[^a-z0-9-]/gi, '')})};
   f.layout.autosize = true;
-  plotly.react(box, f.data, f.layout, Object.assign({responsive: true}, f.config || {}, {modeBarButtonsToAdd: [svg]}));
+  plotly.react(box, f.data, f.layout, withSvg(plotly, Object.assign({responsive: true}, f.config || {})));
 };
 const wait = () => { if (P()) draw(); else setTimeout(wait, 30); };
 wait();
@@ -93,10 +95,11 @@ watch('value', draw);
 
 class DirectPlot(gr.HTML):
     """NEW (speed): a figure drawn by plotly.js straight into the page, with :class:`Plot`'s
-    export toolbar (PNG at 2×, SVG). gr.Plot's frontend draws each new figure twice (``react``,
-    then ``Plots.resize``) and redraws on every layout change; this draws it once: the Generate
-    view's five figures cost ~480 ms of the page's JavaScript per Step with gr.Plot (Chromium's
-    profiler, this dev machine). Takes what :class:`Plot` takes: a figure or :func:`rendered`'s."""
+    export toolbar (PNG at 2×, SVG): one ``Plotly.react`` per new figure. gr.Plot's frontend
+    parses, reacts, then calls ``Plots.resize`` with autosize forced for every value; Chromium's
+    profiler put the Generate view's five figures at ~480 ms of the page's JavaScript per Step
+    with gr.Plot and ~180 ms with this (2026-12-03 dev machine). Takes what :class:`Plot` takes:
+    a figure, or what :func:`rendered` made of one."""
 
     def __init__(self, value: Any = None, *, elem_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(self._json(value), html_template='<div class="gv-plot"></div>', js_on_load=_DIRECT_JS,
