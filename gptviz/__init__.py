@@ -1,14 +1,14 @@
 """gptviz: see how a GPT works from the inside."""
 
 from .config import PRESETS, GPTConfig
-from .generation import GenerationSession, generate_greedy
+from .files.weights import load_pretrained
+from .generation.session import GenerationSession, generate_greedy
 from .kv_cache import KVCache
 from .model import GPTModel
-from .settings import select_device
-from .trace import Trace
 from .params import count_params, param_breakdown
+from .settings import select_device
 from .tokenizer import encode, get_encoding
-from .weights import load_pretrained
+from .trace import Trace
 
 __all__ = [
     "GPTConfig",

@@ -6,12 +6,9 @@ serves many visitors, each with a cache of their own.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from .model import GPTModel
+from .config import GPTConfig
 
 __all__ = ["LayerKVCache", "KVCache", "BatchKVCache"]
 
@@ -67,7 +64,7 @@ class LayerKVCache:
 class KVCache:
     """Per-layer keys and values, so each generation step runs only the new tokens.
 
-    ``KVCache.for_model(model)`` makes an empty one; pass it to ``model(ids, cache)``
+    ``KVCache.for_config(model.cfg)`` makes an empty one; pass it to ``model(ids, cache)``
     repeatedly with the *new* ids only. Logits equal those of the full recompute.
     """
 
@@ -76,8 +73,9 @@ class KVCache:
         self.context_length = context_length
 
     @classmethod
-    def for_model(cls, model: "GPTModel", chunk: int = 128) -> "KVCache":
-        return cls(model.cfg.n_layers, model.cfg.context_length, chunk)
+    def for_config(cls, cfg: GPTConfig, chunk: int = 128) -> "KVCache":
+        """An empty cache for a model of configuration ``cfg`` (``KVCache.for_config(model.cfg)``)."""
+        return cls(cfg.n_layers, cfg.context_length, chunk)
 
     @property
     def length(self) -> int:

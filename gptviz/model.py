@@ -12,212 +12,28 @@ Without them, ``GPTModel(cfg)(in_idx)`` is the source's forward.
 
 Two more, for speed and half precision, also marked ``# NEW``:
 
-* **the product's kernel** (:class:`Linear`, :func:`linear`): a generation step multiplies
-  one row by every weight matrix, so its speed is how fast the weights stream from memory.
-  Which kernel streams them fastest differs from CPU to CPU, so on the CPU in float32 each
-  weight shape runs the faster of ``F.linear`` and oneDNN's inner product, timed once here;
-  ``Linear`` is ``nn.Linear`` with that choice (same parameters, names, ``repr``). The three attention projections share one
-  buffer (:meth:`GPTModel.optimize_layout_`), so the attention runs them as one product.
-  Names, shapes, values, ``state_dict`` keys and parameter counts stay the book's; the results
-  agree with the book's kernels (:func:`book_kernels`) to float32 rounding.
+* **speed**: ``Linear`` is ``nn.Linear`` with a faster CPU kernel, and the three attention
+  projections share one buffer so they run as one product (:meth:`GPTModel.optimize_layout_`).
+  Both live in :mod:`gptviz.kernels`. Names, shapes, values, ``state_dict`` keys and parameter
+  counts stay the book's; the results agree with the book's kernels
+  (:func:`~gptviz.kernels.book_kernels`) to float32 rounding.
 * **float16**: ``LayerNorm`` normalises in float32 and casts back (a float16 variance
   overflows at 65504); everything else runs as written.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import threading
-import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.modules import module as _module
-from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils.flop_counter import register_flop_formula
 
 from .config import GPTConfig
+from .kernels import Linear, fuse_rows_, hooked, joined_rows, linear
 from .kv_cache import KVCache, LayerKVCache
 from .trace import ATTN_SCORES, ATTN_WEIGHTS, CONTEXT, FF_OUT, KEYS, QUERIES, RESID_MID, RESIDUAL, VALUES, LayerTrace, Trace
 
-__all__ = ["Linear", "linear", "book_kernels", "choose_kernels", "chosen_kernel", "chosen_kernels", "set_cpu_kernel", "CPU_KERNELS", "GELU", "FeedForward", "MultiHeadAttention", "LayerNorm", "TransformerBlock", "GPTModel"]
-
-
-# --------------------------------------------------------------------------- NEW (speed): the product's kernel
-# Nothing here changes a value beyond float32 rounding: the same products, summed by another kernel.
-
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-_book_kernels = threading.local()  # .on: every product through F.linear (book_kernels())
-
-#: The kernels :func:`linear` chooses between on the CPU in float32 (oneDNN's only where built in).
-CPU_KERNELS: dict[str, Any] = {"F.linear": F.linear}
-if _ONEDNN_LINEAR is not None:
-    CPU_KERNELS["oneDNN"] = lambda x, w, b: _ONEDNN_LINEAR(x, w, b, "none", [], "")
-KERNEL_POLICIES = ("auto", *CPU_KERNELS)  # auto: the fastest on this CPU, timed per weight shape
-_kernel_policy = "auto"
-_chosen: dict[tuple[tuple[int, ...], bool], str] = {}  # (weight shape, has bias) -> kernel name
-_choosing = threading.Lock()
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``: ``x @ weight.T + bias``, weight ``(out, in)``.
-
-    A generation step multiplies one row by every weight matrix, so its speed is how fast the
-    weights stream from memory, and which kernel streams ``nn.Linear``'s ``(out, in)`` layout
-    fastest differs from CPU to CPU: oneDNN's inner product (the kernel ``torch.compile`` picks
-    for a CPU linear) read gpt2's matrices at 17-22 GB/s where F.linear's MKL kernel read 11-12
-    on one Xeon, and at 9-17 against 13-19 on another (``python -m gptviz.benchmark --layouts``).
-    So on the CPU in float32 each weight shape runs the kernel that :func:`chosen_kernel` timed
-    fastest here (or the one :func:`set_cpu_kernel` names). The same sums in another order:
-    equal to float32 rounding. F.linear for float16 and bfloat16, on other devices, where
-    gradients are wanted (oneDNN's op has no backward), and inside :func:`book_kernels`.
-    """
-    if (
-        len(CPU_KERNELS) > 1
-        and not getattr(_book_kernels, "on", False)
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and weight.is_contiguous()
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    ):
-        return CPU_KERNELS[chosen_kernel(weight, bias)](x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
-def chosen_kernel(weight: torch.Tensor, bias: torch.Tensor | None = None) -> str:
-    """The kernel :func:`linear` runs for a float32 CPU ``weight`` of this shape: the policy's,
-    or under ``auto`` the one that read it fastest, timed once per shape in this process."""
-    if _kernel_policy != "auto":
-        return _kernel_policy
-    key = (tuple(weight.shape), bias is not None)
-    name = _chosen.get(key)
-    if name is None:
-        with _choosing:
-            name = _chosen.get(key) or _chosen.setdefault(key, _fastest(weight, bias))
-    return name
-
-
-def _fastest(weight: torch.Tensor, bias: torch.Tensor | None, rounds: int = 3) -> str:
-    """The kernel that multiplies one row by weights of this shape fastest, streamed from memory
-    as in a step: timed over copies filling >= 256 MB (more than a CPU's last cache), in turns;
-    a kernel that raises for this shape is left out."""
-    x = torch.zeros(1, weight.shape[1])
-    best = dict.fromkeys(CPU_KERNELS, math.inf)
-    with torch.no_grad(), _disable_current_modes():  # not counted by a FlopCounterMode around the first call
-        copies = [weight] + [weight.clone() for _ in range(min(63, -(-256_000_000 // weight.nbytes) - 1))]
-        for name, kernel in CPU_KERNELS.items():
-            try:
-                kernel(x, weight, bias)
-            except RuntimeError:  # refused by this CPU's build for this shape: no candidate (F.linear always is)
-                del best[name]
-        for _ in range(rounds):
-            for name in list(best):
-                kernel = CPU_KERNELS[name]
-                t0 = time.perf_counter()
-                for w in copies:
-                    kernel(x, w, bias)
-                best[name] = min(best[name], time.perf_counter() - t0)
-    return min(best, key=best.get)
-
-
-def set_cpu_kernel(policy: str) -> None:
-    """``auto`` (the default: each weight shape's fastest kernel on this CPU, timed on first use)
-    or one kernel of :data:`CPU_KERNELS` for every float32 CPU product (``GPTVIZ_KERNEL``)."""
-    global _kernel_policy
-    if policy != "auto" and policy not in CPU_KERNELS:
-        raise ValueError(f"the CPU kernel must be one of auto, {', '.join(CPU_KERNELS)}, got {policy!r}")
-    _kernel_policy = policy
-
-
-def choose_kernels(model: nn.Module) -> dict[str, str]:
-    """Time the kernels for each of ``model``'s weight shapes now (one row through the model),
-    so that its first step does not pay for it; returns :func:`chosen_kernels`."""
-    with torch.no_grad():
-        model(torch.zeros((1, 1), dtype=torch.long, device=next(model.parameters()).device))
-    return chosen_kernels()
-
-
-def chosen_kernels() -> dict[str, str]:
-    """What ``auto`` chose so far, ``"(out, in)[+bias]"`` -> kernel name (the benchmark prints it)."""
-    return {f"{shape}{'+bias' if has_bias else ''}": name for (shape, has_bias), name in sorted(_chosen.items())}
-
-
-if _ONEDNN_LINEAR is not None:  # FLOP counters (torch.utils.flop_counter) count it as F.linear's addmm
-
-    @register_flop_formula(_ONEDNN_LINEAR)
-    def _linear_flops(x_shape: torch.Size, w_shape: torch.Size, *args: Any, **kwargs: Any) -> int:
-        return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]  # (rows, in) @ (in, out)
-
-
-@contextlib.contextmanager
-def book_kernels() -> Iterator[None]:
-    """Within it (this thread), every product runs through F.linear, as the book's model does:
-    the reference that :func:`linear`'s kernel is measured and tested against."""
-    before = getattr(_book_kernels, "on", False)
-    _book_kernels.on = True
-    try:
-        yield
-    finally:
-        _book_kernels.on = before
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, names, ``repr`` and ``state_dict``) whose product is
-    :func:`linear`: the book's layers with a faster kernel on the CPU."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-def _ignore(name: str, tensor: torch.Tensor) -> None:
-    """Stands in for ``trace.record`` when nothing is traced."""
-
-
-def _hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook watches any of ``modules`` (then every module must be called)."""
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-
-def _joined(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
-    """The one contiguous tensor that ``parts`` are consecutive row blocks of (along dim 0), as
-    a view of their shared storage; None when they do not lie that way."""
-    first = parts[0]
-    if first is None or any(p is None for p in parts) or not first.is_contiguous():
-        return None
-    step = first.numel()
-    storage = first.untyped_storage().data_ptr()
-    for i, p in enumerate(parts):
-        if (
-            p.shape != first.shape
-            or not p.is_contiguous()
-            or p.storage_offset() != first.storage_offset() + i * step
-            or p.untyped_storage().data_ptr() != storage
-        ):
-            return None
-    return first.as_strided((len(parts) * first.shape[0], *first.shape[1:]), first.stride())
-
-
-def _fuse(linears: list[nn.Linear]) -> None:
-    """Put the weights (and biases) of ``linears`` into one buffer each, stacked along ``out``:
-    each ``weight`` becomes a row block (a view) of the ``(Σout, in)`` stack."""
-    for name in ("weight", "bias"):
-        parts = [getattr(lin, name) for lin in linears]
-        if parts[0] is None or _joined(parts) is not None:
-            continue
-        stack = torch.cat([p.detach().contiguous() for p in parts])  # (Σout, in) or (Σout,)
-        n = parts[0].shape[0]
-        for i, p in enumerate(parts):
-            p.data = stack[i * n : (i + 1) * n]
-
-
-def _relayout_after_load(module: "GPTModel", incompatible_keys: Any) -> None:
-    """load_state_dict(..., assign=True) puts the checkpoint's tensors in: lay them out again."""
-    module.optimize_layout_()
+__all__ = ["GELU", "FeedForward", "MultiHeadAttention", "LayerNorm", "TransformerBlock", "GPTModel"]
 
 
 class GELU(nn.Module):
@@ -231,7 +47,7 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            # NEW (speed): Linear is nn.Linear with a faster CPU kernel (see linear() above)
+            # NEW (speed): Linear is nn.Linear with a faster CPU kernel (gptviz.kernels)
             Linear(cfg.emb_dim, 4 * cfg.emb_dim),  # (b, T, emb) -> (b, T, 4*emb)
             GELU(),
             Linear(4 * cfg.emb_dim, cfg.emb_dim),  # (b, T, 4*emb) -> (b, T, emb)
@@ -318,7 +134,7 @@ class MultiHeadAttention(nn.Module):
         """Put ``W_query``, ``W_key`` and ``W_value`` into one ``(3·d_out, d_in)`` buffer (their
         weights become row blocks of it: values, names and shapes unchanged). Idempotent."""
         with torch.no_grad():
-            _fuse([self.W_query, self.W_key, self.W_value])
+            fuse_rows_([self.W_query, self.W_key, self.W_value])
         return self
 
     def _fused_qkv(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -326,14 +142,14 @@ class MultiHeadAttention(nn.Module):
         weights lie in one buffer (:meth:`fuse_qkv_`); None where each module must be called:
         a forward hook watches them (the shape tracer), or gradients flow to the weights."""
         linears = (self.W_query, self.W_key, self.W_value)
-        if _hooked(*linears) or (torch.is_grad_enabled() and self.W_query.weight.requires_grad):
+        if hooked(*linears) or (torch.is_grad_enabled() and self.W_query.weight.requires_grad):
             return None
-        weight = _joined([lin.weight for lin in linears])  # (3·d_out, d_in) view, or None
+        weight = joined_rows([lin.weight for lin in linears])  # (3·d_out, d_in) view, or None
         if weight is None:
             return None
         bias = None
         if self.W_query.bias is not None:
-            bias = _joined([lin.bias for lin in linears])
+            bias = joined_rows([lin.bias for lin in linears])
             if bias is None:
                 bias = torch.cat([lin.bias for lin in linears])
         return linear(x, weight, bias)  # (b, T, 3·d_out)
@@ -522,3 +338,12 @@ class GPTModel(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.tok_emb.weight.dtype
+
+
+def _ignore(name: str, tensor: torch.Tensor) -> None:
+    """Stands in for ``trace.record`` when nothing is traced."""
+
+
+def _relayout_after_load(module: "GPTModel", incompatible_keys: Any) -> None:
+    """load_state_dict(..., assign=True) puts the checkpoint's tensors in: lay them out again."""
+    module.optimize_layout_()

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import torch
 
-from .model import KERNEL_POLICIES
+from .kernels import KERNEL_POLICIES
 
 __all__ = ["Settings", "select_device", "DTYPES", "RANDOM", "SEED"]
 
@@ -85,7 +85,7 @@ class Settings:
     model_store_capacity: int = 3  # shared models kept built
     max_uploads: int = 2  # visitors' own uploaded models held at once (least recently used released)
     read_ahead: bool = True  # a visitor's next step read while the model is idle (GPTVIZ_READ_AHEAD=0: off)
-    cpu_kernel: str = "auto"  # GPTVIZ_KERNEL: gptviz.model.KERNEL_POLICIES
+    cpu_kernel: str = "auto"  # GPTVIZ_KERNEL: gptviz.kernels.KERNEL_POLICIES
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from gptviz import GPTConfig, GPTModel, KVCache
-from gptviz.generation import GenerationSession, next_reads_together, read_together, step_together
+from gptviz.generation.batching import next_reads_together, read_together, step_together
+from gptviz.generation.session import GenerationSession
 from gptviz.kv_cache import BatchKVCache
 from gptviz.ui.serving import StepBatcher, Turns
 
@@ -53,7 +54,7 @@ def assert_same_attention(a, b, n_layers):
 
 def test_batched_forward_over_caches_of_different_lengths_equals_each_row_alone(tiny_model):
     rows = [torch.randint(0, 50257, (1, n)) for n in (3, 9, 1, 14)]
-    caches = [KVCache.for_model(tiny_model) for _ in rows]
+    caches = [KVCache.for_config(tiny_model.cfg) for _ in rows]
     with torch.no_grad():
         for r, c in zip(rows, caches):
             if r.shape[1] > 1:

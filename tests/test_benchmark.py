@@ -1,13 +1,13 @@
-"""Tests of gptviz.benchmark's helpers (no timings are asserted: speed is the benchmark's to report)."""
+"""Tests of gptviz.tools.benchmark's helpers (no timings are asserted: speed is the benchmark's to report)."""
 
 from __future__ import annotations
 
 import torch
 
 from gptviz import GPTConfig, GPTModel
-from gptviz import benchmark as b
-from gptviz import benchmark_kernels as bk
-from gptviz.model import book_kernels
+from gptviz.kernels import book_kernels
+from gptviz.tools import benchmark as b
+from gptviz.tools import benchmark_kernels as bk
 
 
 def small_model() -> GPTModel:

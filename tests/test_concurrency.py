@@ -23,7 +23,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from gptviz import PRESETS, GPTModel, encode, generate_greedy
-from gptviz.generation import GenerationSession
+from gptviz.generation.session import GenerationSession
 from gptviz.settings import Settings
 from gptviz.ui import running_app
 from gptviz.ui.generate import Main

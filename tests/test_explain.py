@@ -1,4 +1,4 @@
-"""gptviz.explain: logit attribution, the sub-block logit lens and saliency, against independent
+"""gptviz.analysis.explain: logit attribution, the sub-block logit lens and saliency, against independent
 computations (the plain forward, module hooks, finite differences, a model copy's backward)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptviz import PRESETS, GPTConfig, GPTModel
-from gptviz.explain import ATTRIBUTION_KINDS, decided_at, decided_row, lens_table, logit_attribution, saliency
+from gptviz.analysis.explain import ATTRIBUTION_KINDS, decided_at, decided_row, lens_table, logit_attribution, saliency
 
 from .conftest import assert_clear_top1
 

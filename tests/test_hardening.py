@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gptviz import GPTConfig, GPTModel, encode, get_encoding
-from gptviz.generation import DEFAULT_MAX_RETAINED_BYTES
+from gptviz.files.weights import PRETRAINED_NAMES, WeightsError
+from gptviz.generation.session import DEFAULT_MAX_RETAINED_BYTES
 from gptviz.settings import RANDOM, Settings
-from gptviz.ui import LAUNCH_KWARGS
-from gptviz.ui import serving
+from gptviz.ui import LAUNCH_KWARGS, serving
 from gptviz.ui.generate import GenerateView
 from gptviz.ui.inside import InsideView
 from gptviz.ui.model import WEIGHT_CHOICES, ModelView
@@ -33,7 +33,6 @@ from gptviz.ui.outputs import skip
 from gptviz.ui.parameters import Counted, ParametersView
 from gptviz.ui.serving import AppContext, ModelSpec, ModelStore
 from gptviz.ui.tokenizer import TokenizerView
-from gptviz.weights import PRETRAINED_NAMES, WeightsError
 
 from .conftest import visit
 
@@ -293,7 +292,7 @@ def no_loading(tiny_cfg) -> AppContext:
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES)
 def test_weights_selector_refuses_everything_but_the_allow_list(name, no_loading, a):
-    with mock.patch("gptviz.weights.hf_hub_download", nothing):
+    with mock.patch("gptviz.files.weights.hf_hub_download", nothing):
         with pytest.raises(gr.Error, match="Unknown weights"):
             ModelView(no_loading).load_weights(name, "float32", request=a)
     assert no_loading.visitor(a).spec == no_loading.default_spec
@@ -319,7 +318,7 @@ def test_allowed_names_reach_only_the_loader_by_name(a, tiny_cfg):
     with mock.patch.object(serving, "load_pretrained", loader):  # the one loader the app's models come from
         with pytest.raises(gr.Error, match="offline"):
             ModelView(ctx).load_weights("gpt2-medium", "bfloat16", request=a)
-    assert asked == ["gpt2-medium"]  # a name, resolved to openai-community/ by gptviz.weights
+    assert asked == ["gpt2-medium"]  # a name, resolved to openai-community/ by gptviz.files.weights
 
 
 def test_a_path_comes_only_from_the_operator():

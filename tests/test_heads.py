@@ -1,4 +1,4 @@
-"""Head-role atlas and value-weighted attention (gptviz.heads)."""
+"""Head-role atlas and value-weighted attention (gptviz.analysis.heads)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptviz import GPTConfig, GPTModel, Trace
-from gptviz import heads as heads_module
-from gptviz.generation import GenerationSession
-from gptviz.heads import (
-    ROLES,
-    cached_head_roles,
-    head_roles,
-    probe_ids,
-    role_scores,
-    session_value_weighted,
-    strongest_role,
-    value_norms,
-    value_weighted,
-)
+from gptviz.analysis import heads as heads_module
+from gptviz.analysis.heads import ROLES, cached_head_roles, head_roles, probe_ids, role_scores, session_value_weighted, strongest_role, value_norms, value_weighted
+from gptviz.generation.session import GenerationSession
 from gptviz.tokenizer import ENDOFTEXT_ID
 
 pytestmark = pytest.mark.numeric

@@ -1,4 +1,4 @@
-"""Tests of gptviz.inside: shape tracer, head ablation, precision comparison, KV-cache view."""
+"""Tests of gptviz.analysis.inside: shape tracer, head ablation, precision comparison, KV-cache view."""
 
 from __future__ import annotations
 
@@ -16,21 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import gptviz.model
 from gptviz import GPTConfig, GPTModel, KVCache
-from gptviz.inside import (
-    ablate,
-    cache_savings,
-    compare_precision,
-    forward_flops,
-    kv_cache_table,
-    low_precision_copy,
-    model_source,
-    parse_heads,
-    trace_shapes,
-    ablate_in_slices,
-    compare_precisions_in_slices,
-    next_logits_in_slices,
-    finish,
-)
+from gptviz.analysis.inside import ablate, ablate_in_slices, cache_savings, compare_precision, compare_precisions_in_slices, finish, forward_flops, kv_cache_table, low_precision_copy, model_source, next_logits_in_slices, parse_heads, trace_shapes
 
 pytestmark = pytest.mark.numeric  # .ci/run runs this file again on another CPU code path
 
@@ -322,7 +308,7 @@ def test_precision_accepts_a_cached_low_precision_model(tiny_model, ids):
 
 
 def test_kv_cache_table_bytes_match_the_tensors(tiny_model, tiny_cfg, ids):
-    cache = KVCache.for_model(tiny_model, chunk=4)
+    cache = KVCache.for_config(tiny_model.cfg, chunk=4)
     empty = kv_cache_table(cache)
     assert len(empty) == tiny_cfg.n_layers and (empty["allocated bytes"] == 0).all()
     with torch.no_grad():
@@ -365,7 +351,7 @@ def test_cache_savings_counts_the_flops_the_model_really_runs(n_heads, head_dim,
             run()
         return counter.get_total_flops()
 
-    cache = KVCache.for_model(model)
+    cache = KVCache.for_config(model.cfg)
     if new < T:
         with torch.no_grad():
             model(ids[:, : T - new], cache)  # prefill the earlier positions

@@ -13,20 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gptviz import GenerationSession, GPTModel
-from gptviz.lesson import (
-    MAX_LESSON_BYTES,
-    MAX_LESSON_TOKENS,
-    LessonError,
-    custom_source,
-    hub_source,
-    lesson_from_session,
-    lesson_to_json,
-    load_lesson,
-    model_for_lesson,
-    random_source,
-    replay,
-    save_lesson,
-)
+from gptviz.files.lesson import MAX_LESSON_BYTES, MAX_LESSON_TOKENS, LessonError, custom_source, hub_source, lesson_from_session, lesson_to_json, load_lesson, model_for_lesson, random_source, replay, save_lesson
 from gptviz.tokenizer import token_piece
 
 PROMPT = "Hello, I am"

@@ -1,17 +1,13 @@
-import contextlib
 import copy
 import math
-import platform
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-import gptviz.model as model_module
 from gptviz import PRESETS, GPTConfig, GPTModel, KVCache, Trace, select_device
-from gptviz.model import GELU, LayerNorm, MultiHeadAttention, book_kernels, linear
+from gptviz.kernels import book_kernels
+from gptviz.model import GELU, LayerNorm, MultiHeadAttention
 from gptviz.params import count_params
 
 from .conftest import assert_clear_top1
@@ -131,7 +127,7 @@ def test_kv_cache_matches_full_recompute_over_many_steps():
     cfg = GPTConfig(vocab_size=211, context_length=96, emb_dim=32, n_heads=4, n_layers=3, qkv_bias=True)
     model = GPTModel(cfg).eval()
     idx = torch.randint(0, 211, (2, 90))
-    cache = KVCache.for_model(model, chunk=16)  # small chunks exercise the growth path
+    cache = KVCache.for_config(model.cfg, chunk=16)  # small chunks exercise the growth path
     with torch.no_grad():
         full = model(idx)
         prefill = model(idx[:, :10], cache)
@@ -146,7 +142,7 @@ def test_kv_cache_matches_full_recompute_over_many_steps():
 
 def test_kv_cache_truncate_then_continue(tiny_model):
     idx = torch.randint(0, 50257, (1, 20))
-    cache = KVCache.for_model(tiny_model)
+    cache = KVCache.for_config(tiny_model.cfg)
     with torch.no_grad():
         tiny_model(idx, cache)
         cache.truncate(12)
@@ -211,7 +207,7 @@ def test_trace_last_rows_and_layers(tiny_model):
 def test_cached_attention_rows_equal_full_attention(tiny_model):
     idx = torch.randint(0, 50257, (1, 16))
     full = Trace(names=["attn_weights"])
-    cache = KVCache.for_model(tiny_model)
+    cache = KVCache.for_config(tiny_model.cfg)
     with torch.no_grad():
         tiny_model(idx, trace=full)
         tiny_model(idx[:, :15], cache)
@@ -252,7 +248,7 @@ def test_tied_model_shares_one_parameter():
 def test_too_long_input_is_refused(tiny_model, tiny_cfg):
     with pytest.raises(ValueError, match="context_length=64"):
         tiny_model(torch.zeros(1, tiny_cfg.context_length + 1, dtype=torch.long))
-    cache = KVCache.for_model(tiny_model)
+    cache = KVCache.for_config(tiny_model.cfg)
     with torch.no_grad():
         tiny_model(torch.zeros(1, 64, dtype=torch.long), cache)
     with pytest.raises(ValueError, match="longer than context_length"):
@@ -285,131 +281,13 @@ def test_model_runs_on_the_selected_device(tiny_cfg):
     device = select_device()
     model = GPTModel(tiny_cfg).to(device).eval()
     idx = torch.randint(0, 50257, (1, 5), device=device)
-    cache = KVCache.for_model(model)
+    cache = KVCache.for_config(model.cfg)
     with torch.no_grad():
         full = model(idx)
         model(idx[:, :4], cache)
         step = model(idx[:, 4:], cache)
     assert full.device.type == device.type
     torch.testing.assert_close(step, full[:, 4:], atol=1e-4, rtol=0)
-
-
-# --------------------------------------------------------------------------- NEW (speed): the product's kernel
-
-
-# F.linear's MKL kernel and oneDNN's sum the same products in other orders: a few ulps of
-# O(1) results from up to 300-term dot products of O(1) values; 1e-5 is safe and 1e-3 would
-# catch any wrong element.
-KERNEL_TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-@contextlib.contextmanager
-def forced(kernel):
-    """One of the CPU kernels that ``linear`` may choose, for every product (auto after)."""
-    model_module.set_cpu_kernel(kernel)
-    try:
-        yield
-    finally:
-        model_module.set_cpu_kernel("auto")
-
-
-def test_both_kernels_are_candidates_on_x86():
-    if platform.machine() in ("x86_64", "AMD64"):
-        assert set(model_module.CPU_KERNELS) == {"F.linear", "oneDNN"}
-
-
-@pytest.mark.parametrize("cpu_kernel", list(model_module.CPU_KERNELS))
-@settings(max_examples=40, deadline=None)
-@given(
-    rows=st.integers(1, 5),
-    lead=st.sampled_from([(), (1,), (3,)]),
-    d_in=st.integers(1, 300),
-    d_out=st.integers(1, 70),
-    bias=st.booleans(),
-    sliced=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
-def test_linear_equals_f_linear(cpu_kernel, rows, lead, d_in, d_out, bias, sliced, seed):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, rows + sliced, d_in, generator=g)[..., int(sliced) :, :]  # maybe not contiguous
-    w = torch.randn(d_out, d_in, generator=g) / d_in**0.5
-    b = torch.randn(d_out, generator=g) if bias else None
-    with torch.no_grad(), forced(cpu_kernel):
-        got = linear(x, w, b)
-        assert model_module.chosen_kernel(w, b) == cpu_kernel
-        with book_kernels():
-            book = linear(x, w, b)
-    expected = F.linear(x, w, b)
-    assert torch.equal(book, expected)  # book_kernels(): F.linear itself, the same kernel both sides
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, **KERNEL_TOL)
-
-
-def test_auto_runs_the_kernel_timed_fastest_per_shape(monkeypatch):
-    calls = []
-
-    def slow(x, w, b):
-        calls.append(("slow", tuple(w.shape)))
-        sum(range(20_000))  # ~0.3 ms of Python: slower than any small product
-        return F.linear(x, w, b)
-
-    def fast(x, w, b):
-        calls.append(("fast", tuple(w.shape)))
-        return F.linear(x, w, b)
-
-    monkeypatch.setattr(model_module, "CPU_KERNELS", {"slow": slow, "fast": fast})
-    monkeypatch.setattr(model_module, "_chosen", {})
-    monkeypatch.setattr(model_module, "_kernel_policy", "auto")
-    x, w = torch.randn(2, 8), torch.randn(5, 8)
-    with torch.no_grad():
-        y = linear(x, w)
-        timed = len(calls)
-        assert {name for name, _ in calls} == {"slow", "fast"}  # both were timed ...
-        calls.clear()
-        linear(x, w)
-        linear(torch.randn(1, 8), w)
-    assert calls == [("fast", (5, 8))] * 2  # ... once per shape: then only the faster one runs
-    assert timed >= 2 * 64  # over copies filling a last-level cache (64 of a small weight)
-    assert model_module.chosen_kernels() == {"(5, 8)": "fast"}
-    torch.testing.assert_close(y, F.linear(x, w), **KERNEL_TOL)
-    model_module.set_cpu_kernel("slow")  # a policy names one kernel for every shape
-    assert model_module.chosen_kernel(w) == "slow"
-    with pytest.raises(ValueError, match="auto, slow, fast"):
-        model_module.set_cpu_kernel("mkl")
-
-
-def test_auto_leaves_out_a_kernel_that_refuses_the_shape(monkeypatch):
-    def refuses(x, w, b):
-        raise RuntimeError("could not create a primitive descriptor for the inner product")
-
-    monkeypatch.setattr(model_module, "CPU_KERNELS", {"F.linear": F.linear, "refuses": refuses})
-    monkeypatch.setattr(model_module, "_chosen", {})
-    monkeypatch.setattr(model_module, "_kernel_policy", "auto")
-    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
-    with torch.no_grad():
-        y = linear(x, w, b)
-    assert model_module.chosen_kernel(w, b) == "F.linear"
-    torch.testing.assert_close(y, F.linear(x, w, b), rtol=0, atol=0)  # the same kernel computed both
-
-
-def test_timing_a_new_shape_is_not_counted_by_a_flop_counter(monkeypatch):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    monkeypatch.setattr(model_module, "_chosen", {})
-    x, w = torch.randn(1, 24), torch.randn(40, 24)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        linear(x, w)  # first use of this shape: both kernels timed over 64 copies
-    assert counter.get_total_flops() == 2 * 24 * 40
-
-
-def test_linear_keeps_gradients():
-    x = torch.randn(2, 3, 8, requires_grad=True)
-    w = torch.randn(5, 8, requires_grad=True)
-    y = linear(x, w)
-    assert y.grad_fn is not None  # F.linear's path: oneDNN's op has no backward
-    y.sum().backward()
-    torch.testing.assert_close(x.grad, w.sum(0).expand(2, 3, 8))
-    torch.testing.assert_close(w.grad, x.detach().sum((0, 1)).expand(5, 8))
 
 
 # --------------------------------------------------------------------------- NEW (speed): memory layout
@@ -484,7 +362,7 @@ def test_fast_layout_gives_the_plain_layouts_logits(qkv_bias, tie):
     with torch.no_grad():
         torch.testing.assert_close(model(idx), plain(idx), **LAYOUT_TOL)
         torch.testing.assert_close(model(idx, head_mask=heads), plain(idx, head_mask=heads), **LAYOUT_TOL)
-        fast_cache, plain_cache = KVCache.for_model(model, chunk=8), KVCache.for_model(plain, chunk=8)
+        fast_cache, plain_cache = KVCache.for_config(model.cfg, chunk=8), KVCache.for_config(plain.cfg, chunk=8)
         torch.testing.assert_close(model(idx[:, :20], fast_cache), plain(idx[:, :20], plain_cache), **LAYOUT_TOL)
         for t in range(20, 30):  # cached single-token steps, as generation runs them
             step = model(idx[:, t : t + 1], fast_cache, head_mask=heads, last_only=True)
@@ -526,12 +404,12 @@ def test_the_source_state_dict_loads_into_the_fast_layout():
         expected = copied(idx)
         torch.testing.assert_close(expected, source(idx), **LAYOUT_TOL)
     assert not is_plain(copied)
-    # assign=True (what gptviz.weights does) replaces the Parameters by the checkpoint's own
+    # assign=True (what gptviz.files.weights does) replaces the Parameters by the checkpoint's own
     # tensors; the model lays them out again.
     with torch.device("meta"):
         assigned = GPTModel(cfg)
     assigned.load_state_dict({k: v.clone() for k, v in book_state.items()}, assign=True)
-    for block in assigned.trf_blocks:  # the causal masks are in no checkpoint (as gptviz.weights does)
+    for block in assigned.trf_blocks:  # the causal masks are in no checkpoint (as gptviz.files.weights does)
         block.att.mask = torch.triu(torch.ones(40, 40, dtype=torch.bool), diagonal=1)
     assert not is_plain(assigned)
     with torch.no_grad():
@@ -542,7 +420,7 @@ def test_assign_load_of_a_tied_checkpoint_ties_again():
     cfg = layout_cfg(False, True)
     source = wiggled(cfg, seed=4)
     state = {k: v.contiguous().clone() for k, v in source.state_dict().items() if k != "out_head.weight"}
-    state["out_head.weight"] = state["tok_emb.weight"]  # one tensor under both names, as gptviz.weights builds it
+    state["out_head.weight"] = state["tok_emb.weight"]  # one tensor under both names, as gptviz.files.weights builds it
     with torch.device("meta"):
         model = GPTModel(cfg)
     model.load_state_dict(state, assign=True)
@@ -642,7 +520,7 @@ def test_half_precision_logits_agree_with_float32(dtype):
     assert_clear_top1(ref_top, margin)
     assert torch.equal(ref_top.argmax(-1), low_top.float().argmax(-1))
     # KV-cached float16 steps agree with their own full recompute (a cached step is what generation runs).
-    cache = KVCache.for_model(low)
+    cache = KVCache.for_config(low.cfg)
     with torch.no_grad():
         low(idx[:, :40], cache)
         step = low(idx[:, 40:41], cache).float()

@@ -10,15 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gptviz import PRESETS, GPTConfig, GPTModel
-from gptviz.params import (
-    GROUPS,
-    count_params,
-    format_breakdown,
-    memory_and_compute,
-    nearest_preset,
-    param_breakdown,
-)
-from gptviz.plots import params_figure
+from gptviz.params import GROUPS, count_params, format_breakdown, memory_and_compute, nearest_preset, param_breakdown
+from gptviz.plots.params import params_figure
 
 pytestmark = pytest.mark.numeric  # .ci/run runs this file again on another CPU code path
 

@@ -6,19 +6,13 @@ import math
 import re
 
 import numpy as np
-import pytest
 import plotly.graph_objects as go
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptviz.plots import (
-    MASKED_COLOR,
-    attention_figure,
-    attention_grid_figure,
-    empty_figure,
-    logit_lens_figure,
-    topk_figure,
-)
+from gptviz.plots.generation import MASKED_COLOR, attention_figure, attention_grid_figure, logit_lens_figure, topk_figure
+from gptviz.plots.style import empty_figure
 
 
 def causal(rng: np.random.Generator, *shape: int) -> np.ndarray:

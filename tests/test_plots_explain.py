@@ -1,4 +1,4 @@
-"""The figures of gptviz.plots_explain, on hand-made tables (and one real attribution)."""
+"""The figures of gptviz.plots.explain, on hand-made tables (and one real attribution)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptviz.explain import logit_attribution
-from gptviz.plots_explain import attribution_waterfall, group_attribution, lens_lines_figure, saliency_figure
+from gptviz.analysis.explain import logit_attribution
+from gptviz.plots.explain import attribution_waterfall, group_attribution, lens_lines_figure, saliency_figure
 
 from .conftest import ROOT
 
@@ -154,6 +154,6 @@ def test_lens_lines_without_a_decision_mark_nothing():
 
 
 def test_no_gradio_import():
-    code = ("import sys; import gptviz.plots_explain, gptviz.explain; "
+    code = ("import sys; import gptviz.plots.explain, gptviz.analysis.explain; "
             "assert 'gradio' not in sys.modules, sorted(m for m in sys.modules if 'gradio' in m)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

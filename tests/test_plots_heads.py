@@ -1,4 +1,4 @@
-"""The head-role atlas figure (gptviz.plots_heads)."""
+"""The head-role atlas figure (gptviz.plots.heads)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptviz.heads import ROLES
-from gptviz.plots_heads import ROLE_LABELS, head_roles_figure
+from gptviz.analysis.heads import ROLES
+from gptviz.plots.heads import ROLE_LABELS, head_roles_figure
 
 
 def table(n_layers: int, n_heads: int, seed: int) -> pd.DataFrame:

@@ -13,7 +13,7 @@ import plotly.offline
 import pytest
 
 from gptviz import GenerationSession
-from gptviz.report import save_session_report, session_report_html
+from gptviz.files.report import save_session_report, session_report_html
 from gptviz.tokenizer import show_whitespace
 
 EVIL = "<script>alert(1)</script>"

@@ -1,5 +1,5 @@
 """The screenshot maker: its command line, its shot list against the real page, and one
-real shot in Debian's chromium (the whole set is made by `python -m gptviz.screenshots`)."""
+real shot in Debian's chromium (the whole set is made by `python -m gptviz.tools.screenshots`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from gptviz import screenshots
-from gptviz.screenshots import SHOTS, Shot, make_screenshots, parse_args
 from gptviz.settings import Settings
+from gptviz.tools import screenshots
+from gptviz.tools.screenshots import SHOTS, Shot, make_screenshots, parse_args
 from gptviz.ui import build_demo
 
 ROOT = Path(__file__).resolve().parent.parent

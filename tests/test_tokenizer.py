@@ -1,18 +1,11 @@
 import socket
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gptviz import tokenizer
-from gptviz.tokenizer import (
-    ENDOFTEXT_ID,
-    TokenizerFileError,
-    encode,
-    load_encoding,
-    show_whitespace,
-    token_piece,
-    token_pieces,
-)
+from gptviz.tokenizer import ENDOFTEXT_ID, TokenizerFileError, encode, load_encoding, show_whitespace, token_piece, token_pieces
 
 
 def test_real_gpt2_ids(enc):

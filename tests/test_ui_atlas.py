@@ -8,8 +8,8 @@ import gradio as gr
 import numpy as np
 import pytest
 
-from gptviz.heads import ROLES, cached_head_roles, head_roles, strongest_role
-from gptviz.plots_heads import ROLE_LABELS
+from gptviz.analysis.heads import ROLES, cached_head_roles, head_roles, strongest_role
+from gptviz.plots.heads import ROLE_LABELS
 from gptviz.ui import LAUNCH_KWARGS
 from gptviz.ui.atlas import ATLAS_JS, Atlas, AtlasView, Jump, known_head_roles, role_note
 from gptviz.ui.generate import GenerateView

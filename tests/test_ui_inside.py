@@ -190,7 +190,7 @@ def test_precision_refusals(make_ctx, a, tiny_cfg):
 
 
 def test_precision_memory_limit_counts_all_three_models(make_ctx, a, tiny_cfg):
-    from gptviz.weights import estimated_bytes
+    from gptviz.files.weights import estimated_bytes
 
     need = estimated_bytes(tiny_cfg, torch.float32) + estimated_bytes(tiny_cfg, torch.bfloat16) \
         + estimated_bytes(tiny_cfg, torch.float16)

@@ -8,13 +8,15 @@ import math
 from urllib.parse import parse_qsl
 
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from gptviz.config import CONFIG_FIELDS, PRESETS, GPTConfig
-from gptviz.sampling import TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MIN
+from gptviz.files.weights import PRETRAINED_NAMES
+from gptviz.generation.sampling import TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MIN
 from gptviz.settings import DTYPES, RANDOM, Settings
 from gptviz.ui.links import MAX_LINK_STEPS, TABS, View, link_query, parse_link
-from gptviz.weights import PRETRAINED_NAMES
 
 SETTINGS = Settings()
 WEIGHTS = {RANDOM, *PRETRAINED_NAMES}

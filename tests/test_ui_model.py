@@ -7,11 +7,11 @@ import gradio as gr
 import pytest
 
 from gptviz import PRESETS, GPTConfig
+from gptviz.files.weights import WeightsError
 from gptviz.settings import RANDOM, Settings
 from gptviz.ui.generate import GenerateView
 from gptviz.ui.model import ModelView, Switched
 from gptviz.ui.serving import AppContext, ModelSpec, ModelStore, build_model
-from gptviz.weights import WeightsError
 
 from .conftest import seeded, source_greedy, visit
 

@@ -17,7 +17,7 @@ from .conftest import assert_clear_top1, seeded, visit
 
 PROMPT = "Hello, I am"
 HELLO_IDS = [15496, 11, 314, 716]
-SOLID, GREY = "#4C78A8", "#C7CCD6"  # gptviz.plots.sampling_figure: may be drawn / cut off
+SOLID, GREY = "#4C78A8", "#C7CCD6"  # gptviz.plots.generation.sampling_figure: may be drawn / cut off
 
 
 @pytest.fixture

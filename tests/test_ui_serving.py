@@ -95,7 +95,7 @@ def test_spec_labels_and_sizes(tiny_cfg):
     assert ModelSpec("gpt2", None, "float16").label == "gpt2, float16"
     assert ModelSpec("/srv/ckpt").label == "the operator's checkpoint, float32"  # never a server path
     assert ModelSpec("/srv/ckpt").weight_bytes() is None
-    from gptviz.weights import estimated_bytes
+    from gptviz.files.weights import estimated_bytes
 
     assert ModelSpec(RANDOM, tiny_cfg, "bfloat16").weight_bytes() == estimated_bytes(tiny_cfg, torch.bfloat16)
     assert ModelSpec("gpt2-xl").weight_bytes() == estimated_bytes("gpt2-xl", torch.float32) > 6e9  # known unloaded
@@ -277,7 +277,7 @@ def test_visitors_can_step_from_many_threads_at_once(ctx, tiny_cfg, tiny_model):
 
 
 def test_the_operator_chooses_the_cpu_kernel():
-    import gptviz.model as model_module
+    import gptviz.kernels as model_module
 
     assert Settings.from_env({}).cpu_kernel == "auto"
     assert Settings.from_env({"GPTVIZ_KERNEL": " F.linear "}).cpu_kernel == "F.linear"

@@ -63,7 +63,7 @@ class _Visitor:
 
 
 def _stepped(model, enc, prompt="Hello, I am", n=2):
-    from gptviz.generation import GenerationSession
+    from gptviz.generation.session import GenerationSession
 
     s = GenerationSession(model, enc, prompt)
     s.step(n)

@@ -12,8 +12,8 @@ import shlex
 import shutil
 from pathlib import Path
 
-import huggingface_hub
 import httpx
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -21,25 +21,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gptviz import GPTConfig, GPTModel, PRESETS, Trace
-from gptviz import checkpoints, generation, weights
-from gptviz.model import book_kernels
-from gptviz.weights import (
-    PRETRAINED_NAMES,
-    CheckpointError,
-    NeedsHeadsError,
-    TooLargeError,
-    WeightsError,
-    WeightsSource,
-    config_from_hf,
-    config_from_state_dict,
-    estimated_bytes,
-    hub_repo_id,
-    is_allowed_name,
-    load_pretrained,
-    load_upload,
-    pretrained_config,
-)
+from gptviz import PRESETS, GPTConfig, GPTModel, Trace
+from gptviz.files import checkpoints, weights
+from gptviz.files.weights import PRETRAINED_NAMES, CheckpointError, NeedsHeadsError, TooLargeError, WeightsError, WeightsSource, config_from_hf, config_from_state_dict, estimated_bytes, hub_repo_id, is_allowed_name, load_pretrained, load_upload, pretrained_config
+from gptviz.generation import session as generation
+from gptviz.kernels import book_kernels
 
 from . import book_model
 from .conftest import assert_clear_top1
@@ -638,7 +624,7 @@ def test_right_masks_in_any_form_are_accepted(book64, tmp_path, masks):
 def _hf_to_book(hf_state: dict[str, torch.Tensor], cfg: dict) -> book_model.GPTModel:
     """The book companion's conversion (chapter 5's ``load_weights_into_gpt``, reading the
     Hugging Face tensors): numpy splits of the fused c_attn, transposes of Conv1D weights,
-    and ``out_head`` a copy of ``wte``. Independent of gptviz.weights."""
+    and ``out_head`` a copy of ``wte``. Independent of gptviz.files.weights."""
     params = {k.removeprefix("transformer."): v.numpy() for k, v in hf_state.items()}
     gpt = book_model.GPTModel(cfg)
 
@@ -730,7 +716,7 @@ def test_the_books_converted_file_and_the_released_file_give_the_same_model(fake
     with book_kernels():  # F.linear on both sides: only the two loading paths differ
         book_path = _logits(from_book)
     torch.testing.assert_close(book_path, _logits(fake_hub["book"]), atol=BOOK_ATOL, rtol=0)
-    # gptviz's own CPU kernel (oneDNN, gptviz.model.linear) sums in another order: float32
+    # gptviz's own CPU kernel (oneDNN, gptviz.kernels.linear) sums in another order: float32
     # rounding of logits up to ~3 over 2 blocks of width 768 (1.1e-5 seen on oneDNN's AVX2 path)
     torch.testing.assert_close(logits, book_path, atol=1e-5, rtol=1e-5)
     # transformers' kernels differ (fused c_attn, its own GELU): 1e-4, as the tests above

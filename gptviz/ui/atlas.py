@@ -1,8 +1,8 @@
 """The head-role atlas, in the Generate tab: what each attention head of the visitor's model does.
 
-Opening the accordion measures every head once per shared model (:func:`gptviz.heads.cached_head_roles`:
+Opening the accordion measures every head once per shared model (:func:`gptviz.analysis.heads.cached_head_roles`:
 one forward pass over a probe of random tokens repeated twice) and draws a layers × heads heatmap of
-one role's score (:func:`gptviz.plots_heads.head_roles_figure`; hover shows every role). Clicking a
+one role's score (:func:`gptviz.plots.heads.head_roles_figure`; hover shows every role). Clicking a
 cell sends that head to the Generate view: its block and head sliders jump there and its attention
 heatmaps redraw.
 
@@ -26,17 +26,17 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from .. import heads as _heads
-from ..heads import known_head_roles  # noqa: F401 (re-exported: the atlas's public helpers)
-from .. import plots
-from ..heads import ROLES, cached_head_roles
+from ..analysis import heads as _heads
+from ..analysis.heads import known_head_roles  # noqa: F401 (re-exported: the atlas's public helpers)
+from ..analysis.heads import ROLES, cached_head_roles
 from ..model import GPTModel
-from ..plots_heads import ROLE_LABELS, head_roles_figure
+from ..plots.heads import ROLE_LABELS, head_roles_figure
+from ..plots.style import empty_figure
 from .components import Plot, csv_button, csv_file
-from .step_view import THRESHOLD, role_note  # noqa: F401 (role_note: the atlas's public helper)
 from .generate import GenerateView
 from .outputs import components, skip
 from .serving import AppContext, Turns, Visitor, error
+from .step_view import THRESHOLD, role_note  # noqa: F401 (role_note: the atlas's public helper)
 
 __all__ = ["ATLAS_JS", "Atlas", "Jump", "AtlasView", "known_head_roles", "role_note"]
 
@@ -195,7 +195,7 @@ class AtlasView:
             gr.Markdown(INTRO, elem_id="atlas-intro")
             c["atlas_role"] = gr.Radio([(ROLE_LABELS[r], r) for r in ROLES], value=DEFAULT_ROLE, label="Role",
                                        elem_id="atlas-role")
-            c["atlas"] = Plot(plots.empty_figure(CLOSED_MESSAGE, height=300), show_label=False,
+            c["atlas"] = Plot(empty_figure(CLOSED_MESSAGE, height=300), show_label=False,
                                  elem_id="head-atlas")
             c["atlas_top"] = gr.Markdown("", elem_id="atlas-top")
             c["atlas_csv"] = csv_button("atlas-csv")

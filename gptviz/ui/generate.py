@@ -8,14 +8,14 @@ from typing import Any, Callable, Iterator, NamedTuple
 import gradio as gr
 import plotly.graph_objects as go
 
-from .. import plots
-from ..generation import GenerationSession
+from ..generation.session import GenerationSession
+from ..plots.style import empty_figure
 from ..tokenizer import encode, get_encoding
+from . import sampling
 from .components import DirectPlot
 from .html import chips_html, note
 from .inputs import index, prompt_ids
 from .outputs import components, skip
-from . import sampling
 from .serving import AppContext, Visitor, error
 from .step_view import GRID_HEIGHT, HEATMAP_HEIGHT, LENS_HEIGHT, TOPK_HEIGHT, StepPictures
 
@@ -35,8 +35,8 @@ class Main(NamedTuple):
 
     @classmethod
     def blank(cls, message: str) -> "Main":
-        return cls(note(message), plots.empty_figure(message, height=TOPK_HEIGHT),
-                   plots.empty_figure(message, height=HEATMAP_HEIGHT), "", {}, gr.update(maximum=1, value=0))
+        return cls(note(message), empty_figure(message, height=TOPK_HEIGHT),
+                   empty_figure(message, height=HEATMAP_HEIGHT), "", {}, gr.update(maximum=1, value=0))
 
 
 class Details(NamedTuple):
@@ -48,8 +48,8 @@ class Details(NamedTuple):
 
     @classmethod
     def blank(cls, message: str) -> "Details":
-        return cls(plots.empty_figure(message, height=HEATMAP_HEIGHT), plots.empty_figure(message, height=GRID_HEIGHT),
-                   plots.empty_figure(message, height=LENS_HEIGHT))
+        return cls(empty_figure(message, height=HEATMAP_HEIGHT), empty_figure(message, height=GRID_HEIGHT),
+                   empty_figure(message, height=LENS_HEIGHT))
 
 
 class Heads(NamedTuple):

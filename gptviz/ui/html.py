@@ -7,7 +7,7 @@ import functools
 import html
 import re
 
-from ..inside import model_source
+from ..analysis.inside import model_source
 from ..tokenizer import display_text, get_encoding, label, token_piece
 
 __all__ = ["esc", "chips_html", "code_html", "md_code", "tok", "note"]

@@ -10,19 +10,19 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from .. import plots
+from ..analysis.inside import Slices, ablate_in_slices, cache_savings, compare_precisions_in_slices, forward_flops, kv_cache_table, model_source, trace_shapes
 from ..config import GPTConfig
+from ..files.weights import estimated_bytes
 from ..formatting import dtype_name, flops, nbytes, percent
-from ..inside import (Slices, ablate_in_slices, cache_savings, compare_precisions_in_slices, forward_flops,
-                      kv_cache_table, model_source, trace_shapes)
 from ..model import GPTModel, MultiHeadAttention
+from ..plots.inside import cache_work_figure, comparison_figure
+from ..plots.style import empty_figure
 from ..settings import DTYPES
 from ..tokenizer import get_encoding, label
 from .components import Plot, csv_button, csv_file
 from .html import code_html, esc, tok
 from .inputs import check_text, prompt_ids
 from .outputs import components, skip
-from ..weights import estimated_bytes
 from .serving import AppContext, Turns, Visitor, error
 
 #: The shape table's columns and widths; ``line`` is the line of gptviz/model.py a row comes from.
@@ -71,7 +71,7 @@ def pair_columns(a: str, b: str) -> list[str]:
 
 
 def pair_table(t: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
-    """A :func:`gptviz.inside.side_by_side` table as shown: pieces with ids, probabilities in %."""
+    """A :func:`gptviz.analysis.inside.side_by_side` table as shown: pieces with ids, probabilities in %."""
     def tokens(col: str) -> list[str]:
         return [f"{label(i, None, 16)} ({i})" for i in t[col]]
 
@@ -201,7 +201,7 @@ class InsideView:
         shown = r.table["a_id"].tolist()
         shown += [i for i in r.table["b_id"].tolist()[:3] if i not in shown]  # the ablated run's favourites too
         p_normal, p_ablated = torch.softmax(r.logits.float(), -1), torch.softmax(r.ablated_logits.float(), -1)
-        figure = plots.comparison_figure(
+        figure = comparison_figure(
             [f"{label(i, None, 16)}  ({i})" for i in shown], p_normal[shown].tolist(), p_ablated[shown].tolist(),
             names=("normal", "ablated"), height=COMPARE_HEIGHT,
             title=f"Next token, normal and with {len(r.heads)} head{'s' if len(r.heads) > 1 else ''} off")
@@ -261,7 +261,7 @@ class InsideView:
         """FLOPs of one step with and without the KV cache at every context length (``now`` marked)."""
         contexts = sorted({*range(1, cfg.context_length + 1, max(1, cfg.context_length // KV_CURVE_POINTS)),
                            cfg.context_length, now})
-        return plots.cache_work_figure(contexts, [forward_flops(cfg, 1, t) for t in contexts],
+        return cache_work_figure(contexts, [forward_flops(cfg, 1, t) for t in contexts],
                                        [forward_flops(cfg, t, t) for t in contexts], now=now, height=KV_HEIGHT,
                                        title="Work of one step as the text grows")
 
@@ -283,7 +283,7 @@ class InsideView:
                 else:
                     text = ("The cache is empty: press Step on the Generate tab. The first step runs the prompt "
                             "through the model (a prefill) and keeps every layer's keys and values here.")
-                    figure = plots.empty_figure("Press Step on the Generate tab", height=KV_HEIGHT)
+                    figure = empty_figure("Press Step on the Generate tab", height=KV_HEIGHT)
                 return Cache(f'<div class="summary"><p>{text}</p></div>', pd.DataFrame(columns=KV_COLUMNS), figure, None)
             cfg = s.model.cfg
             table = kv_cache_table(cache).rename(columns={"filled bytes": "filled", "allocated bytes": "allocated"})
@@ -348,7 +348,7 @@ class InsideView:
                                                  elem_classes="compact", wrap=True, buttons=[],
                                                  column_widths=PAIR_WIDTHS)
             with gr.Column(scale=4):
-                c["ablate_plot"] = Plot(plots.empty_figure("Press “Switch off and compare”", height=COMPARE_HEIGHT),
+                c["ablate_plot"] = Plot(empty_figure("Press “Switch off and compare”", height=COMPARE_HEIGHT),
                                            show_label=False, elem_id="ablate-plot")
         gr.Markdown("### Precision: float32, bfloat16 and float16\nThe same next-token prediction from the model and "
                     "from a bfloat16 and a float16 copy of it (one copy each per shared model, made on first use).",
@@ -367,7 +367,7 @@ class InsideView:
         with gr.Row():
             with gr.Column(scale=4):
                 c["kv_summary"] = gr.HTML("", elem_id="kv-summary")
-                c["kv_plot"] = Plot(plots.empty_figure("Press Step on the Generate tab", height=KV_HEIGHT),
+                c["kv_plot"] = Plot(empty_figure("Press Step on the Generate tab", height=KV_HEIGHT),
                                        show_label=False, elem_id="kv-plot")
             with gr.Column(scale=5):
                 c["kv_table"] = gr.Dataframe(pd.DataFrame(columns=KV_COLUMNS), interactive=False, show_label=False,

@@ -15,9 +15,9 @@ from typing import Any, Mapping
 from urllib.parse import urlencode
 
 from ..config import CONFIG_FIELDS, PRESETS, GPTConfig, config_from_fields
-from ..sampling import TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MIN
+from ..files.weights import is_allowed_name
+from ..generation.sampling import TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MIN
 from ..settings import DTYPES, RANDOM, Settings
-from ..weights import is_allowed_name
 
 __all__ = ["View", "parse_link", "link_query", "TABS"]
 

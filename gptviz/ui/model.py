@@ -9,11 +9,10 @@ from typing import Any, NamedTuple
 import gradio as gr
 
 from ..config import CONFIG_FIELDS, PRESETS, config_from_fields
+from ..files.weights import PRETRAINED_NAMES, NeedsHeadsError, WeightsError, estimated_bytes, hub_repo_id, is_allowed_name, load_upload, pretrained_config, weights_source
 from ..params import count_params
 from ..settings import DTYPES, RANDOM, SEED
 from ..tokenizer import get_encoding
-from ..weights import (PRETRAINED_NAMES, NeedsHeadsError, WeightsError, estimated_bytes, hub_repo_id, is_allowed_name,
-                       load_upload, pretrained_config, weights_source)
 from .generate import Details, Main
 from .html import md_code
 from .outputs import components

@@ -9,9 +9,9 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from .. import plots
 from ..config import CONFIG_FIELDS, PRESETS, GPTConfig, config_from_fields
 from ..params import count_params, format_breakdown, memory_and_compute, nearest_preset, param_breakdown
+from ..plots.params import params_figure
 from .components import Plot, csv_button, csv_file
 from .outputs import components, skip
 from .serving import AppContext, error
@@ -59,7 +59,7 @@ class ParametersView:
         )
         table = format_breakdown(param_breakdown(cfg))[list(BREAKDOWN_COLUMNS)]
         memory = mem[["quantity", "readable", "formula"]].rename(columns={"readable": "value"})
-        return Counted(summary, name, table, plots.params_figure(cfg, height=CHART_HEIGHT), memory,
+        return Counted(summary, name, table, params_figure(cfg, height=CHART_HEIGHT), memory,
                        csv_file(table, f"parameters-{name}"), csv_file(memory, f"memory-{name}"))
 
     def params(self, vocab_size: Any, context_length: Any, emb_dim: Any, n_heads: Any, n_layers: Any,

@@ -7,8 +7,8 @@ from typing import Any
 
 import gradio as gr
 
-from ..generation import GenerationSession
-from ..sampling import TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MIN
+from ..generation.sampling import TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MIN
+from ..generation.session import GenerationSession
 from .serving import error
 
 DEFAULT_SEED = 123

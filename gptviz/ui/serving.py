@@ -7,7 +7,7 @@ directly. Everything here is about serving many visitors from one process:
 * :class:`ModelStore`: models shared read-only by every visitor, built once per
   :class:`ModelSpec`, least recently used dropped.
 * :class:`Visitors`: one :class:`Visitor` per browser tab (Gradio's ``session_hash``), with
-  its chosen model and :class:`~gptviz.generation.GenerationSession`; bounded in number and
+  its chosen model and :class:`~gptviz.generation.session.GenerationSession`; bounded in number and
   idle time, released the moment the tab closes (Gradio's ``unload`` event).
 * :meth:`AppContext.turns`: model work takes turns on one lock, wrapped around each handler
   when its event is wired. On a CPU torch already uses every core for one step; two at once
@@ -38,12 +38,13 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 import torch
 
+from ..analysis.inside import low_precision_copy
 from ..config import PRESETS, GPTConfig
-from ..generation import GenerationSession
-from ..inside import low_precision_copy
-from ..model import GPTModel, choose_kernels, set_cpu_kernel
+from ..files.weights import WeightsError, WeightsSource, estimated_bytes, is_allowed_name, load_pretrained
+from ..generation.session import GenerationSession
+from ..kernels import choose_kernels, set_cpu_kernel
+from ..model import GPTModel
 from ..settings import DTYPES, RANDOM, SEED, Settings
-from ..weights import WeightsError, WeightsSource, estimated_bytes, is_allowed_name, load_pretrained
 from .components import rendered
 from .turns import ReadAhead, StepBatcher, Turns
 
@@ -298,7 +299,7 @@ class AppContext:
         self.default_spec = default_spec or ModelSpec.default(self.settings)
         self.models = ModelStore(lambda spec: build_model(spec, self.device), self.settings.model_store_capacity)
         s = self.settings
-        set_cpu_kernel(s.cpu_kernel)  # NEW (speed): float32 products' kernel, per process (gptviz.model.linear)
+        set_cpu_kernel(s.cpu_kernel)  # NEW (speed): float32 products' kernel, per process (gptviz.kernels.linear)
         self.visitors = Visitors(self.default_spec, s.max_sessions, s.max_live_sessions, s.session_ttl_s)
         self.turn = Turns()  # one unit of model work at a time, steps first
         self.steps = StepBatcher(self.turn)  # visitors' concurrent Steps in one forward

@@ -19,19 +19,18 @@ from typing import Any, Iterator, NamedTuple
 import gradio as gr
 
 from ..config import CONFIG_FIELDS, PRESETS, GPTConfig, config_from_fields
-from ..lesson import (LessonError, hub_source, lesson_from_session, lesson_to_json, load_lesson, random_source,
-                      replay)
-from ..report import session_report_html
+from ..files.lesson import LessonError, hub_source, lesson_from_session, lesson_to_json, load_lesson, random_source, replay
+from ..files.report import session_report_html
+from ..files.weights import is_allowed_name
 from ..settings import DTYPES, RANDOM, SEED
 from ..tokenizer import encode
-from ..weights import is_allowed_name
+from . import sampling
 from .generate import DEFAULT_PROMPT, Details, GenerateView, Main
 from .inputs import check_text, index
 from .links import View, link_query, parse_link
 from .model import ModelView
 from .outputs import components, skip
 from .parameters import Counted, ParametersView
-from . import sampling
 from .serving import AppContext, ModelSpec, Visitor, error
 from .tokenizer import Tokenized, TokenizerView
 
@@ -239,7 +238,7 @@ class ShareView:
         return self._file(request, "gptviz-report.html", html)
 
     def export_lesson(self, layer: Any, head: Any, request: gr.Request) -> str:
-        """The walk-through as a lesson file that :func:`gptviz.lesson.replay` turns back into a session."""
+        """The walk-through as a lesson file that :func:`gptviz.files.lesson.replay` turns back into a session."""
         v, s = self._session(request)
         with v.lock:
             cfg = s.model.cfg

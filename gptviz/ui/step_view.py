@@ -11,13 +11,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from .. import plots
+from ..analysis.heads import known_head_roles, session_value_weighted, strongest_role
 from ..formatting import nbytes, percent
-from ..generation import GenerationSession
-from ..heads import known_head_roles, session_value_weighted, strongest_role
+from ..generation.session import GenerationSession
 from ..model import GPTModel
-from ..plots_heads import ROLE_LABELS
 from ..params import kv_bytes_per_token
+from ..plots.generation import attention_figure, attention_grid_figure, logit_lens_figure, sampling_figure, topk_figure
+from ..plots.heads import ROLE_LABELS
+from ..plots.style import empty_figure
 from ..tokenizer import get_encoding, label
 from .components import csv_file
 from .html import chips_html, md_code
@@ -136,15 +137,15 @@ class StepPictures:
         pieces, ids = [label(c.token_id, enc, 20) for c in candidates], [c.token_id for c in candidates]
         probs = [c.prob for c in candidates]
         if greedy:
-            return plots.topk_figure(pieces, probs, ids, chosen=0 if chosen is None else chosen, height=TOPK_HEIGHT,
+            return topk_figure(pieces, probs, ids, chosen=0 if chosen is None else chosen, height=TOPK_HEIGHT,
                                      title=title)
-        return plots.sampling_figure(pieces, probs, [c.sample_prob or 0.0 for c in candidates],
+        return sampling_figure(pieces, probs, [c.sample_prob or 0.0 for c in candidates],
                                      [bool(c.kept) for c in candidates], ids, chosen=chosen, n_kept=n_kept,
                                      height=TOPK_HEIGHT, title=title)
 
     def _topk_figure(self, s: GenerationSession, k: int) -> go.Figure:
         if not k:
-            return plots.empty_figure("Press Step to see the next-token candidates", height=TOPK_HEIGHT)
+            return empty_figure("Press Step to see the next-token candidates", height=TOPK_HEIGHT)
         r, enc = s.steps[k - 1], get_encoding()
         read = label(s.ids[r.position - 1], enc, 20)
         how = f"draws “{label(r.token_id, enc, 20)}” (sampled, T={r.temperature:g})" if r.sampled else \
@@ -171,7 +172,7 @@ class StepPictures:
     @staticmethod
     def _heatmap(a: _Attention, head: int, model: GPTModel | None = None) -> go.Figure:
         role = role_note(model, a.layer, head) if model is not None else None
-        return plots.attention_figure(a.weights[head], a.labels, a.positions, height=HEATMAP_HEIGHT,
+        return attention_figure(a.weights[head], a.labels, a.positions, height=HEATMAP_HEIGHT,
                                       title=f"Block {a.layer}, head {head}" + (f" — {role}" if role else "")
                                       + f" · {a.span}")
 
@@ -179,21 +180,21 @@ class StepPictures:
     def _layer_figures(a: _Attention) -> tuple[go.Figure, go.Figure]:
         """(head average, all-heads grid) of one layer."""
         n_heads = a.weights.shape[0]
-        avg = plots.attention_figure(a.weights.mean(0), a.labels, a.positions, height=HEATMAP_HEIGHT,
+        avg = attention_figure(a.weights.mean(0), a.labels, a.positions, height=HEATMAP_HEIGHT,
                                      title=f"Block {a.layer}, average of {n_heads} heads · {a.span}")
-        grid = plots.attention_grid_figure(a.weights, a.labels, a.positions, height=GRID_HEIGHT,
+        grid = attention_grid_figure(a.weights, a.labels, a.positions, height=GRID_HEIGHT,
                                            title=f"Block {a.layer}: all {n_heads} heads · {a.span}")
         return avg, grid
 
     def _lens_figure(self, s: GenerationSession, k: int) -> go.Figure:
         if not k:
-            return plots.empty_figure("Press Step to see what every block would predict (logit lens)",
+            return empty_figure("Press Step to see what every block would predict (logit lens)",
                                       height=LENS_HEIGHT)
         enc = get_encoding()
         first = max(0, k - self.ctx.settings.lens_steps)
         steps = s.steps[first:k]
         read = [label(s.ids[r.position - 1], enc, 10) for r in steps]
-        return plots.logit_lens_figure(
+        return logit_lens_figure(
             [[label(e.token_id, enc, 24) for e in r.lens] for r in steps], [[e.prob for e in r.lens] for r in steps],
             read, height=_lens_height(len(steps[-1].lens)),
             title=f"Logit lens: each block's top-1 next token, steps {first + 1}–{k}",

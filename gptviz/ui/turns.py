@@ -13,7 +13,8 @@ import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
-from ..generation import GenerationSession, next_reads_together, read_together, step_together
+from ..generation.batching import next_reads_together, read_together, step_together
+from ..generation.session import GenerationSession
 
 __all__ = ["Turns", "StepBatcher", "ReadAhead"]
 
@@ -82,10 +83,10 @@ class StepBatcher:
     """Visitors' Steps that arrive together run as one batched forward (the model's weights read
     once for all of them): a Step that finds no batch running leads one — it takes the model's
     turn, gathers every Step waiting (up to ``max_batch``, same model) and runs them with
-    :func:`~gptviz.generation.step_together` (one new position each); the others wait for their
+    :func:`~gptviz.generation.batching.step_together` (one new position each); the others wait for their
     result. Alone, a Step runs at once: no waiting window. Fresh sessions' first reads — a
     prompt's prefill, from a Step or from :meth:`read` (Reset) — are gathered the same way and
-    run with :func:`~gptviz.generation.read_together`. Anything else (a long prompt, a cropped
+    run with :func:`~gptviz.generation.batching.read_together`. Anything else (a long prompt, a cropped
     context) runs alone in its turn.
 
     Each job may bring ``then``, what to do right after it (drawing its visitor's view): the
@@ -216,8 +217,8 @@ class ReadAhead:
     the model's turn at the lowest priority (:attr:`Turns.AHEAD`: after every waiting Step and
     analysis slice), takes each wanted visitor's lock without waiting (a visitor acting now is
     skipped: its own event does the work) and reads the sessions that can be read so —
-    :attr:`~gptviz.generation.GenerationSession.batchable` — in one batched forward
-    (:func:`~gptviz.generation.next_reads_together`). The read is the one the step would make
+    :attr:`~gptviz.generation.session.GenerationSession.batchable` — in one batched forward
+    (:func:`~gptviz.generation.batching.next_reads_together`). The read is the one the step would make
     (same numbers: tests), kept in the session and counted in its memory budget; an Undo, Reset or
     new prompt drops it. At most one read ahead per visitor's action; ``enabled=False``: none.
 

@@ -12,15 +12,15 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from .. import plots
-from ..explain import decided_at, lens_table, logit_attribution, saliency
+from ..analysis.explain import decided_at, lens_table, logit_attribution, saliency
 from ..formatting import percent
-from ..generation import GenerationSession
-from ..plots_explain import attribution_waterfall, lens_lines_figure, saliency_figure
+from ..generation.session import GenerationSession
+from ..plots.explain import attribution_waterfall, lens_lines_figure, saliency_figure
+from ..plots.style import empty_figure
 from ..settings import RANDOM
 from ..tokenizer import get_encoding, label
-from .generate import GenerateView
 from .components import Plot, csv_button, csv_file
+from .generate import GenerateView
 from .html import chips_html, esc, md_code
 from .outputs import components
 from .serving import AppContext, Turns, Visitor, error
@@ -136,11 +136,11 @@ class WhyPanel:
             c["why_note"] = gr.Markdown("", elem_id="why-note")
             with gr.Row():
                 with gr.Column(scale=3):
-                    c["why_plot"] = Plot(plots.empty_figure("Press “Explain the viewed step”",
+                    c["why_plot"] = Plot(empty_figure("Press “Explain the viewed step”",
                                                                height=WATERFALL_HEIGHT),
                                             show_label=False, elem_id="why-plot")
                 with gr.Column(scale=2):
-                    c["lens_lines"] = Plot(plots.empty_figure("", height=LENS_LINES_HEIGHT), show_label=False,
+                    c["lens_lines"] = Plot(empty_figure("", height=LENS_LINES_HEIGHT), show_label=False,
                                               elem_id="lens-lines")
                     c["why_table"] = gr.Dataframe(pd.DataFrame(columns=WHY_COLUMNS), interactive=False,
                                                   show_label=False, max_height=300, elem_id="why-table",
@@ -149,7 +149,7 @@ class WhyPanel:
                         c["why_csv"] = csv_button("why-csv")
                         c["lens_csv"] = csv_button("lens-csv")
             c["saliency_chips"] = gr.HTML("", elem_id="saliency-chips")
-            c["saliency_plot"] = Plot(plots.empty_figure("", height=SALIENCY_HEIGHT), show_label=False,
+            c["saliency_plot"] = Plot(empty_figure("", height=SALIENCY_HEIGHT), show_label=False,
                                          elem_id="saliency-plot")
         return c
 

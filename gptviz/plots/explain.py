@@ -1,6 +1,6 @@
-"""Figures of "Why this token?" (:mod:`gptviz.explain`): pure plotly functions, no gradio.
+"""Figures of "Why this token?" (:mod:`gptviz.analysis.explain`): pure plotly functions, no gradio.
 
-Each takes plain data (a DataFrame of :mod:`gptviz.explain`, lists) and display labels of the
+Each takes plain data (a DataFrame of :mod:`gptviz.analysis.explain`, lists) and display labels of the
 tokens, and returns a ``go.Figure`` in the look of :mod:`gptviz.plots` (white background,
 title at the left, explicit ``height``). Labels are escaped, so a token such as ``<b>`` or
 ``<|endoftext|>`` shows as itself.
@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .explain import decided_row
-from .plots import _FIXED, _GRID, _PLAIN, TICK_SIZE, _text_px, _thin_ticks
+from ..analysis.explain import decided_row
+from .style import _FIXED, _GRID, _PLAIN, TICK_SIZE, _text_px, _thin_ticks
 
 __all__ = ["attribution_waterfall", "saliency_figure", "lens_lines_figure", "group_attribution",
            "TOWARD_COLOR", "AWAY_COLOR", "TOTAL_COLOR"]
@@ -56,7 +56,7 @@ def group_attribution(df: pd.DataFrame, top: int = 12) -> tuple[list[str], list[
 
 def attribution_waterfall(df: pd.DataFrame, target_label: str, baseline_label: str, top: int = 12,
                           height: int | None = None) -> go.Figure:
-    """Horizontal waterfall of :func:`gptviz.explain.logit_attribution`: the ``top`` largest
+    """Horizontal waterfall of :func:`gptviz.analysis.explain.logit_attribution`: the ``top`` largest
     pieces (by ``|contribution|``, in the model's order), the rest grouped as one bar, ending in
     a total bar, the logit difference ``logit[target] − logit[baseline]``. Green bars push
     toward the target, red toward the baseline. ``height``: by default ~26 px per bar."""
@@ -92,7 +92,7 @@ def attribution_waterfall(df: pd.DataFrame, target_label: str, baseline_label: s
 def saliency_figure(labels: Sequence[str], scores: Sequence[float], height: int = 320, *,
                     title: str = "Which input tokens the prediction is most sensitive to",
                     max_ticks: int = 48) -> go.Figure:
-    """One bar per input token (``labels[t]``, ``scores[t]``: e.g. :func:`gptviz.explain.saliency`);
+    """One bar per input token (``labels[t]``, ``scores[t]``: e.g. :func:`gptviz.analysis.explain.saliency`);
     the largest bar is highlighted. At most ``max_ticks`` tick labels (every token on hover)."""
     if len(labels) != len(scores):
         raise ValueError(f"{len(labels)} labels for {len(scores)} scores")
@@ -116,7 +116,7 @@ def saliency_figure(labels: Sequence[str], scores: Sequence[float], height: int 
 def lens_lines_figure(table: pd.DataFrame, final_label: str, height: int = 380, *,
                       top1_labels: Sequence[str] | None = None, max_ticks: int = 32) -> go.Figure:
     """The final token's rank (left axis, log scale, 1 = top, top at the top) and probability
-    (right axis) after every sub-block of :func:`gptviz.explain.lens_table`; the stretch from
+    (right axis) after every sub-block of :func:`gptviz.analysis.explain.lens_table`; the stretch from
     which it stays top-1 through the end is shaded and its first row marked ("decided at
     block N"). ``top1_labels``: each row's top-1 token, for the hover."""
     n = len(table)

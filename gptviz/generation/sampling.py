@@ -2,10 +2,10 @@
 
 Temperature 0 is the source's greedy argmax (the default); temperature > 0 draws from
 ``softmax(logits / temperature)`` restricted to the top-k logits, then to the top-p nucleus of
-what is left (:func:`sampling_distribution`). :class:`~gptviz.generation.GenerationSession`
+what is left (:func:`sampling_distribution`). :class:`~gptviz.generation.session.GenerationSession`
 draws from exactly the distribution that function returns, so a chart of it shows what is drawn.
 
-:mod:`gptviz.generation` re-exports :func:`sampling_distribution`.
+:mod:`gptviz.generation.session` re-exports :func:`sampling_distribution`.
 """
 
 from __future__ import annotations

@@ -2,24 +2,19 @@
 (:func:`step_together`), or only their reads, kept for the steps (:func:`next_reads_together`);
 several fresh sessions' prompts read in one forward (:func:`read_together`). Every visitor's
 prediction and logit lens come from one product with the output head
-(:func:`~gptviz.session_reads.predict_with_lens`).
+(:func:`~gptviz.generation.reads.predict_with_lens`).
 
-:mod:`gptviz.generation` re-exports the three.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from .kv_cache import BatchKVCache, KVCache
-from .model import GPTModel
-from .session_reads import _require_eval, predict_with_lens
-from .trace import Trace
-
-if TYPE_CHECKING:
-    from .generation import GenerationSession, StepRecord
+from ..kv_cache import BatchKVCache, KVCache
+from ..model import GPTModel
+from ..trace import Trace
+from .reads import _require_eval, predict_with_lens
+from .session import GenerationSession, StepRecord
 
 __all__ = ["next_reads_together", "read_together", "step_together"]
 
@@ -96,7 +91,7 @@ def read_together(sessions: list[GenerationSession], keep_logits: bool = True) -
     last = torch.tensor([e - 1 for e in ends], device=model.device)  # (b,) each row's last real position
     lens = any(s.logit_lens for s in sessions)
     trace = Trace(("attn_weights", "residual") if lens else ("attn_weights",))
-    caches = [KVCache.for_model(model) for _ in sessions]
+    caches = [KVCache.for_config(model.cfg) for _ in sessions]
     with torch.inference_mode():
         finals = model(ids, BatchKVCache(caches), trace=trace, last_only=last, head=False)[:, -1]  # (b, emb)
         kept = []

@@ -1,4 +1,4 @@
-"""Measuring tools and the decode-kernel table of ``python -m gptviz.benchmark``: the models
+"""Measuring tools and the decode-kernel table of ``python -m gptviz.tools.benchmark``: the models
 measured, timers, transformers' reference (in a persistent child process, so load hits both
 alike), the gptviz step in each dtype and layout, the lens product and weight bandwidth probes."""
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-from pathlib import Path
 import importlib.util
 import json
 import os
@@ -17,14 +16,16 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from .config import PRESETS, GPTConfig
-from .generation import GenerationSession, generate_greedy
-from .model import CPU_KERNELS, GPTModel, book_kernels, chosen_kernel, linear, set_cpu_kernel
-from .tokenizer import get_encoding
+from ..config import PRESETS, GPTConfig
+from ..generation.session import GenerationSession, generate_greedy
+from ..kernels import CPU_KERNELS, book_kernels, chosen_kernel, linear, set_cpu_kernel
+from ..model import GPTModel
+from ..tokenizer import get_encoding
 
 
 def build_model(dtype: torch.dtype = torch.float32) -> GPTModel:
@@ -80,10 +81,10 @@ def uncached_step_ms(model: GPTModel, prompt: list[int], steps: int) -> float:
 def _child(expr: str) -> Any:
     """Evaluate ``expr`` (this module is ``b``) in a fresh Python process; return its JSON value."""
     code = (
-        f"import json, torch; from gptviz import benchmark as b; torch.set_num_threads({torch.get_num_threads()}); "
+        f"import json, torch; from gptviz.tools import benchmark as b; torch.set_num_threads({torch.get_num_threads()}); "
         f"print(json.dumps({expr}))"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -152,10 +153,10 @@ class Child:
 
     def __init__(self) -> None:
         code = (
-            f"import torch; from gptviz import benchmark as b; torch.set_num_threads({torch.get_num_threads()}); "
+            f"import torch; from gptviz.tools import benchmark as b; torch.set_num_threads({torch.get_num_threads()}); "
             "b.serve()"
         )
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
@@ -257,7 +258,7 @@ def decode_kernels(model: GPTModel, child: Child | None, steps: int, rounds: int
 
 def lens_products(repeat: int = 15) -> dict[str, float]:
     """The logit lens's product: 12 residual rows (one per block) against gpt2's 50257 × 768
-    head, median ms, through :func:`~gptviz.model.linear` (what generation.py runs), through
+    head, median ms, through :func:`~gptviz.kernels.linear` (what generation.py runs), through
     MKL as ``F.linear`` and as ``(W @ x.T).T``, and in float16."""
     torch.manual_seed(0)
     head = torch.randn(50257, 768) * 0.02  # (vocab, emb), nn.Linear's layout
@@ -285,7 +286,7 @@ BANDWIDTH_COLUMNS = (
 
 def layout_bandwidth(repeat: int = 5) -> list[dict[str, Any]]:
     """GB/s that a one-row product reads its weight at, per gpt2 weight shape, dtype, storage
-    layout and kernel (F.linear, oneDNN's, and :func:`~gptviz.model.linear`'s choice); each over
+    layout and kernel (F.linear, oneDNN's, and :func:`~gptviz.kernels.linear`'s choice); each over
     enough distinct matrices (>= 200 MB) that they stream from memory, not from the cache. None
     where this CPU's kernel refuses the dtype (oneDNN's float16 without the CPU's float16 support)."""
     shapes = {"W_query|W_key|W_value": (768, 2304), "out_proj": (768, 768), "ff.layers.0": (768, 3072),

@@ -6,7 +6,7 @@ results are plain pandas DataFrames, small dataclasses and strings that a UI can
 * :func:`trace_shapes`: every module call of a real forward pass, in order, with input and
   output shapes and the line of ``gptviz/model.py`` that made the call (plus the attention
   intermediates the model's :class:`~gptviz.model.Trace` records); :func:`model_source`
-  gives the source text those line numbers refer to. The tracer lives in :mod:`gptviz.shapes`;
+  gives the source text those line numbers refer to. The tracer lives in :mod:`gptviz.analysis.shapes`;
   this module re-exports it.
 * :func:`ablate`: switch attention heads off (``head_mask``) and compare the next-token
   candidates with the normal run.
@@ -27,10 +27,10 @@ from typing import Any, Generator, Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 
-from .config import GPTConfig
-from .kv_cache import KVCache
-from .model import GPTModel
-from .ids import TokenIds, as_batch
+from ..config import GPTConfig
+from ..ids import TokenIds, as_batch
+from ..kv_cache import KVCache
+from ..model import GPTModel
 from .shapes import collapse_blocks, model_source, trace_shapes
 
 __all__ = [
@@ -105,7 +105,7 @@ def next_logits_in_slices(model: GPTModel, batch: torch.Tensor, head_mask: torch
     if slice_len is None or n <= slice_len:
         logits = _next_logits(model, batch, head_mask)
     else:
-        cache = KVCache.for_model(model)
+        cache = KVCache.for_config(model.cfg)
         follow = iter(schedule) if schedule else None
         length = next(follow, None) if follow is not None else slice_len
         with torch.no_grad():

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
-from .model import GPTModel
-from .tokenizer import ENDOFTEXT_ID
-from .trace import ATTN_WEIGHTS, Trace
+from ..model import GPTModel
+from ..tokenizer import ENDOFTEXT_ID
+from ..trace import ATTN_WEIGHTS, Trace
 
 if TYPE_CHECKING:
-    from .generation import GenerationSession
+    from ..generation.session import GenerationSession
 
 __all__ = [
     "known_head_roles",

@@ -23,10 +23,10 @@ from typing import Any, Sequence
 
 import plotly.graph_objects as go
 
-from . import plots
-from .formatting import percent
-from .generation import GenerationSession, StepRecord
-from .tokenizer import display_text, label, token_piece
+from ..formatting import percent
+from ..generation.session import GenerationSession, StepRecord
+from ..plots.generation import attention_figure, logit_lens_figure, topk_figure
+from ..tokenizer import display_text, label, token_piece
 
 __all__ = ["session_report_html", "save_session_report", "DEFAULT_LENS_STEPS", "display_piece"]
 
@@ -117,7 +117,7 @@ def _figure_html(fig: go.Figure, div_id: str, first: bool) -> str:
 def _lens_figure(session: GenerationSession, steps: Sequence[StepRecord], first_step: int) -> go.Figure:
     enc, ids = session.enc, session.ids
     n_layers = len(steps[-1].lens)
-    return plots.logit_lens_figure(
+    return logit_lens_figure(
         [[_plot_label(e.token_id, enc, 8) for e in r.lens] for r in steps],
         [[e.prob for e in r.lens] for r in steps],
         [_plot_label(ids[r.position - 1], enc, 10) for r in steps],
@@ -147,13 +147,13 @@ def _figures(session: GenerationSession, layer: int, head: int, top_k: int, lens
     figures: list[str] = []
     weights, positions = session.attention(layer, attn_window)
     span = f"tokens {positions[0]}–{positions[-1]}" + (f", read by step {len(steps)}" if steps else ", the prompt")
-    heat = plots.attention_figure(weights[head], [_plot_label(ids[p], enc, 12) for p in positions], positions,
+    heat = attention_figure(weights[head], [_plot_label(ids[p], enc, 12) for p in positions], positions,
                                   title=f"Block {layer}, head {head} · {span}", height=HEATMAP_HEIGHT)
     figures.append(f"<h2>Attention: block {layer}, head {head}</h2>"
                    + _figure_html(heat, "attention", first=True))
     if steps:
         r = steps[-1]
-        top = plots.topk_figure([_plot_label(c.token_id, enc, 16) for c in r.candidates[:top_k]],
+        top = topk_figure([_plot_label(c.token_id, enc, 16) for c in r.candidates[:top_k]],
                                 [c.prob for c in r.candidates[:top_k]], [c.token_id for c in r.candidates[:top_k]],
                                 chosen=next((k for k, c in enumerate(r.candidates[:top_k])
                                              if c.token_id == r.token_id), -1),
@@ -197,7 +197,7 @@ def session_report_html(session: GenerationSession, *, layer: int, head: int, ti
     enc, ids, steps = session.enc, session.ids, session.steps
     title = title or "gptviz session report"
     n_prompt = len(session.prompt_ids)
-    from . import __version__
+    from .. import __version__
 
     # Tokens
     chips = "".join(_chip(t, p, enc, "prompt" if p < n_prompt else "gen") for p, t in enumerate(ids))

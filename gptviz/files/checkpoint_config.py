@@ -8,7 +8,7 @@ is absent or equal to ``tok_emb.weight``. ``n_heads`` is not in any shape: it co
 ``n_heads`` argument, else from the released GPT-2 of the same width (:data:`GPT2_HEADS`),
 else :class:`NeedsHeadsError` asks for it.
 
-:mod:`gptviz.weights` re-exports every public name here.
+:mod:`gptviz.files.weights` re-exports every public name here.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from .config import PRESETS, GPTConfig
-from .params import count_params
-from .settings import SEED
+from ..config import PRESETS, GPTConfig
+from ..params import count_params
+from ..settings import SEED
 
 __all__ = [
     "GPT2_HEADS",

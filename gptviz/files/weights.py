@@ -32,8 +32,8 @@ What :func:`load_pretrained` reads:
 the file read).
 
 How a checkpoint is read and checked (the Hugging Face → book name table, the ``.pth`` reader,
-the mask check) is in :mod:`gptviz.checkpoints`; its configuration from ``config.json`` or its
-tensors, the errors and :class:`WeightsSource` in :mod:`gptviz.checkpoint_config`. This module
+the mask check) is in :mod:`gptviz.files.checkpoints`; its configuration from ``config.json`` or its
+tensors, the errors and :class:`WeightsSource` in :mod:`gptviz.files.checkpoint_config`. This module
 re-exports their public names.
 
 Every loaded model carries ``model.weights_source``, a :class:`WeightsSource` saying where its
@@ -56,14 +56,11 @@ import torch
 from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import silent_tqdm
 
-from .checkpoint_config import (GPT2_HEADS, CheckpointError, NeedsHeadsError, TooLargeError, WeightsError,
-                                WeightsSource, config_from_hf, config_from_hf_shapes, config_from_state_dict,
-                                model_bytes, weights_source)
-from .checkpoints import _PICKLE_SUFFIXES, _PTH_SUFFIXES, _load_hf, _load_pth, _load_safetensors_alone, _sha256
-from .checkpoints import load_upload
-from .config import PRESETS, GPTConfig
-from .model import GPTModel
-from .settings import select_device
+from ..config import PRESETS, GPTConfig
+from ..model import GPTModel
+from ..settings import select_device
+from .checkpoint_config import GPT2_HEADS, CheckpointError, NeedsHeadsError, TooLargeError, WeightsError, WeightsSource, config_from_hf, config_from_hf_shapes, config_from_state_dict, model_bytes, weights_source
+from .checkpoints import _PICKLE_SUFFIXES, _PTH_SUFFIXES, _load_hf, _load_pth, _load_safetensors_alone, _sha256, load_upload
 
 __all__ = [
     "PRETRAINED_NAMES",

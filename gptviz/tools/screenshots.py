@@ -1,4 +1,4 @@
-"""The app photographs itself: ``python -m gptviz.screenshots [--out assets/screenshots] [--scale 2]``.
+"""The app photographs itself: ``python -m gptviz.tools.screenshots [--out assets/screenshots] [--scale 2]``.
 
 Starts the app on a free local port (offline, CPU, random weights with seed 123), drives it
 in headless Chromium through Playwright and writes one 1280×800 PNG per entry of
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
-from .config import PRESETS
-from .params import count_params
-from .tokenizer import encode, get_encoding
+from ..config import PRESETS
+from ..params import count_params
+from ..tokenizer import encode, get_encoding
 
 if TYPE_CHECKING:  # Playwright is a test-only requirement: imported when shots are taken
     from playwright.sync_api import Page
@@ -35,7 +35,7 @@ CHROMIUM = os.environ.get("GPTVIZ_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 VIEWPORT = dict(width=1280, height=800)
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "screenshots"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "assets" / "screenshots"
 TIMEOUT_MS = 60_000
 
 # What the shots show. ☕ and ⚡ are emoji that plain fonts (DejaVu) draw too, so no emoji font
@@ -167,8 +167,8 @@ def running_app() -> Iterator[str]:
     """The app on a free local port, offline, on the CPU, with the default random weights
     (seed 123); yields its URL and closes it afterwards."""
     os.environ.update(HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    from .settings import Settings
-    from .ui import running_app as serve
+    from ..settings import Settings
+    from ..ui import running_app as serve
 
     with serve(Settings(device="cpu")) as demo:
         yield demo.local_url
@@ -226,7 +226,7 @@ def make_screenshots(out: Path = DEFAULT_OUT, scale: float = 1, shots: Sequence[
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gptviz.screenshots",
+    parser = argparse.ArgumentParser(prog="python -m gptviz.tools.screenshots",
                                      description="Screenshots of the running app: " + ", ".join(s.name for s in SHOTS))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the PNGs (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1,

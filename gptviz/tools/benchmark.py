@@ -1,9 +1,9 @@
-"""Generation speed and memory: ``python -m gptviz.benchmark [--quick] [--json]``.
+"""Generation speed and memory: ``python -m gptviz.tools.benchmark [--quick] [--json]``.
 
 For the gpt2 (124M) shape, random weights (seed 123), fp32, batch 1, torch threads = cores,
 at contexts 16, 128, 512 and 1000, side by side in one run:
 
-* **session**: :class:`~gptviz.generation.GenerationSession` steps with attention recording
+* **session**: :class:`~gptviz.generation.session.GenerationSession` steps with attention recording
   and top-k, with and without the logit lens. Prefill = the first step (it reads the whole
   prompt); decode = median ms per token over a ``step(n)`` (the KV cache is kept within it).
 * **uncached**: the source's ``generate_text_simple`` loop (full recompute each token).
@@ -24,13 +24,13 @@ to transformers' float32 decode of the same rounds:
 
 * gptviz session step (attention recorded, top-10) in float32, float16 and bfloat16;
 * the same float32 step with one kernel forced for every product (``F.linear``, oneDNN's):
-  what :func:`~gptviz.model.linear`'s per-shape choice (``auto``) gains on this CPU;
+  what :func:`~gptviz.kernels.linear`'s per-shape choice (``auto``) gains on this CPU;
 * the same step in float32 with the **book's layout and kernels** (every weight a contiguous
   (out, in) ``nn.Linear`` matrix of its own, so the three projections run unfused, and every
-  product through ``F.linear``, :func:`~gptviz.model.book_kernels`): the speed-up of
-  :func:`~gptviz.model.linear` and :meth:`~gptviz.model.GPTModel.optimize_layout_` as a
+  product through ``F.linear``, :func:`~gptviz.kernels.book_kernels`): the speed-up of
+  :func:`~gptviz.kernels.linear` and :meth:`~gptviz.model.GPTModel.optimize_layout_` as a
   same-run ratio;
-* :func:`~gptviz.generation.generate_greedy` in float32 (ms between consecutive forward
+* :func:`~gptviz.generation.session.generate_greedy` in float32 (ms between consecutive forward
   calls);
 * transformers' ``generate`` in float32 (ms between consecutive logits-processor calls), the
   reference of every ratio.
@@ -39,14 +39,13 @@ transformers runs in one persistent child process that answers the parent's requ
 (its own allocator, its own model), so its rounds interleave with gptviz's.
 ``--lens`` adds the logit lens product (n_layers residual rows against the head) per kernel
 and dtype; ``--layouts`` the memory bandwidth of a one-row product per weight shape, kernel,
-layout and dtype (what :func:`~gptviz.model.linear` and
+layout and dtype (what :func:`~gptviz.kernels.linear` and
 :meth:`~gptviz.model.GPTModel.optimize_layout_` are based on).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 import copy
 import importlib.util
 import json
@@ -56,35 +55,17 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from .config import PRESETS, GPTConfig
-from .generation import GenerationSession, generate_greedy
-from .model import GPTModel, choose_kernels
-from .tokenizer import get_encoding
-from .benchmark_kernels import (  # noqa: F401 (re-exported: b.serve, b.hf_decode_round run in child processes)
-    Child,
-    KERNEL_CONTEXTS,
-    KERNEL_ROWS,
-    _child,
-    build_model,
-    decode_kernels,
-    greedy_decode_ms,
-    hf_decode_ms,
-    hf_decode_round,
-    hf_model,
-    layout_bandwidth,
-    lens_products,
-    ms,
-    peak_rss_mib,
-    plain_layout,
-    random_prompt,
-    report_kernels,
-    serve,
-    uncached_step_ms,
-)
+from ..config import PRESETS, GPTConfig
+from ..generation.session import GenerationSession, generate_greedy
+from ..kernels import choose_kernels
+from ..model import GPTModel
+from ..tokenizer import get_encoding
+from .benchmark_kernels import KERNEL_CONTEXTS, KERNEL_ROWS, Child, _child, build_model, decode_kernels, greedy_decode_ms, hf_decode_ms, hf_decode_round, hf_model, layout_bandwidth, lens_products, ms, peak_rss_mib, plain_layout, random_prompt, report_kernels, serve, uncached_step_ms
 
 CONTEXTS = (16, 128, 512, 1000)
 CONTENDERS = (("step", False), ("step_lens", True))  # session variants: without / with the logit lens
@@ -152,7 +133,7 @@ def session_memory(ctx: int, steps: int) -> dict[str, float]:
 def params_ms() -> float | None:
     """``param_breakdown`` for GPT-3 175B (median ms), or None if gptviz.params is missing."""
     try:
-        from .params import param_breakdown
+        from ..params import param_breakdown
     except ImportError:
         return None
     cfg = GPTConfig(vocab_size=50257, context_length=2048, emb_dim=12288, n_heads=96, n_layers=96)
@@ -264,14 +245,14 @@ def report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gptviz.benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m gptviz.tools.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="contexts 16 and 512 only, fewer steps, no bf16")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--lens", action="store_true", help="also time the logit lens product per layout and dtype")
     parser.add_argument("--layouts", action="store_true", help="also measure GB/s per weight shape, layout and dtype")
     parser.add_argument("--kernels-only", action="store_true", help="only the decode kernel table (and --lens/--layouts)")
     parser.add_argument("--load", action="store_true",
-                        help="start the app and run the classroom scenarios through gradio_client (gptviz.loadtest)")
+                        help="start the app and run the classroom scenarios through gradio_client (gptviz.tools.loadtest)")
     parser.add_argument("--against", type=Path, default=None,
                         help="with --load: another checkout (e.g. `git worktree add ../before HEAD~1`) measured "
                              "in the same run, for ratios")

@@ -21,7 +21,7 @@ above the diagonal) and dropped. ``.pth`` files are read with ``torch.load(weigh
 PyTorch's restricted unpickler: a file whose pickle asks for anything beyond tensors is refused
 and nothing in it runs.
 
-:mod:`gptviz.weights` re-exports :func:`load_upload`; where files come from (names, the Hub,
+:mod:`gptviz.files.weights` re-exports :func:`load_upload`; where files come from (names, the Hub,
 local paths) is there.
 """
 
@@ -42,11 +42,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint_config import (CheckpointError, TooLargeError, WeightsError, WeightsSource, _check_memory,
-                                _Labelled, config_from_hf, config_from_hf_shapes, config_from_state_dict)
-from .config import GPTConfig
-from .model import GPTModel, MultiHeadAttention
-from .settings import Settings, select_device
+from ..config import GPTConfig
+from ..model import GPTModel, MultiHeadAttention
+from ..settings import Settings, select_device
+from .checkpoint_config import CheckpointError, TooLargeError, WeightsError, WeightsSource, _check_memory, _Labelled, config_from_hf, config_from_hf_shapes, config_from_state_dict
 
 __all__ = ["load_upload"]
 

@@ -32,9 +32,9 @@ from typing import Sequence
 import pandas as pd
 import torch
 
-from .ids import as_batch
-from .model import GPTModel
-from .trace import CONTEXT, FF_OUT, RESID_MID, RESIDUAL, Trace
+from ..ids import as_batch
+from ..model import GPTModel
+from ..trace import CONTEXT, FF_OUT, RESID_MID, RESIDUAL, Trace
 
 __all__ = ["logit_attribution", "lens_table", "decided_at", "decided_row", "saliency", "ATTRIBUTION_KINDS"]
 

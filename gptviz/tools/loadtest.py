@@ -1,4 +1,4 @@
-"""A classroom against one app: ``python -m gptviz.benchmark --load``.
+"""A classroom against one app: ``python -m gptviz.tools.benchmark --load``.
 
 Starts ``python app.py`` on a free local port (random seed-124M weights, float32, CPU, offline)
 — this checkout's, and with ``--against DIR`` also another checkout's (e.g. the commit before a
@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LONG_PROMPT = " ".join(["the cat sat on the mat and looked at the dog"] * 90)  # 990 tokens
 
 
@@ -139,8 +139,8 @@ def _http_steps(url: str, session: str, prompt: str, n: int) -> list[float]:
 
 
 def run_scenarios(url: str, pid: int, quick: bool = False) -> dict[str, Any]:
-    from gradio_client import Client  # a test-only requirement: imported when the benchmark runs
     import psutil
+    from gradio_client import Client  # a test-only requirement: imported when the benchmark runs
 
     def client() -> Any:
         return Client(url, verbose=False, ssl_verify=False)  # loopback, plain HTTP: see the module docstring

@@ -22,13 +22,13 @@ when given a :class:`os.PathLike` (a ``str`` is always JSON text, never a path),
 size (:data:`MAX_LESSON_BYTES`, :data:`MAX_LESSON_TOKENS` tokens, short strings), refuses
 unknown versions, unknown keys, NaN/Infinity, duplicate keys and wrong types, and raises
 :class:`LessonError` (a ``ValueError``) for every one of them. No field is ever used as a
-path, a module or code: the model source is data. :func:`~gptviz.lesson.model_for_lesson`
+path, a module or code: the model source is data. :func:`~gptviz.files.lesson.model_for_lesson`
 builds only the ``random`` kind (a seeded :class:`GPTModel` of the lesson's configuration,
 within ``max_model_bytes``); for ``hub`` names the application decides whether the name is on
-its allow-list (:func:`gptviz.weights.is_allowed_name`) and which model to pass to
-:func:`~gptviz.lesson.replay`; ``custom`` models are never located from a lesson.
+its allow-list (:func:`gptviz.files.weights.is_allowed_name`) and which model to pass to
+:func:`~gptviz.files.lesson.replay`; ``custom`` models are never located from a lesson.
 
-:mod:`gptviz.lesson` (export and replay) re-exports every public name here.
+:mod:`gptviz.files.lesson` (export and replay) re-exports every public name here.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import GPTConfig
-from .settings import DTYPES
-from .tokenizer import N_VOCAB
+from ..config import GPTConfig
+from ..settings import DTYPES
+from ..tokenizer import N_VOCAB
 from .weights import PRETRAINED_NAMES, estimated_bytes
 
 __all__ = [

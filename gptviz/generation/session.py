@@ -10,16 +10,15 @@ the source does.
 :class:`GenerationSession` is one visitor's step-through state. Each step records what
 the model weighed (:class:`StepRecord`): the top-k candidates, the logit lens of every
 layer, and the attention rows of the positions read. How the session reads the model and what
-it keeps (KV cache, attention rows, the memory budget) is in :mod:`gptviz.session_reads`, its
+it keeps (KV cache, attention rows, the memory budget) is in :mod:`gptviz.generation.reads`, its
 base class.
 
-Sampling (:func:`~gptviz.sampling.sampling_distribution`, in :mod:`gptviz.sampling`): temperature 0
+Sampling (:func:`~gptviz.generation.sampling.sampling_distribution`, in :mod:`gptviz.generation.sampling`): temperature 0
 is the source's greedy argmax (the default); temperature > 0 draws from the distribution that
 function returns. The settings can change between steps (:meth:`GenerationSession.set_sampling`)
 and every :class:`StepRecord` carries the settings it used, so a recorded session can be
 replayed token for token. Several sessions' steps run as one batched forward with
-:func:`~gptviz.batching.step_together` (:mod:`gptviz.batching`). This module re-exports
-:func:`sampling_distribution` and :func:`step_together`.
+:func:`~gptviz.generation.batching.step_together` (:mod:`gptviz.generation.batching`, which imports this module).
 """
 
 from __future__ import annotations
@@ -31,13 +30,11 @@ from typing import Iterator
 import tiktoken
 import torch
 
-from .batching import next_reads_together, read_together, step_together
-from .kv_cache import KVCache
-from .model import GPTModel
+from ..kv_cache import KVCache
+from ..model import GPTModel
+from ..tokenizer import ENDOFTEXT_ID, encode, token_piece
+from .reads import SessionReads, _deep_size, _require_eval
 from .sampling import _check_sampling, _check_seed, sampling_distribution
-from .session_reads import PREFILL_CHUNK, UNDO_ROWS  # noqa: F401  (gptviz.generation's constants, still here)
-from .session_reads import SessionReads, _deep_size, _require_eval
-from .tokenizer import ENDOFTEXT_ID, encode, token_piece
 
 __all__ = [
     "Candidate",
@@ -46,10 +43,6 @@ __all__ = [
     "NextDistribution",
     "GenerationSession",
     "generate_greedy",
-    "step_together",
-    "next_reads_together",
-    "read_together",
-    "sampling_distribution",
     "DEFAULT_MAX_RETAINED_BYTES",
 ]
 
@@ -414,7 +407,7 @@ def generate_greedy(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, con
     _require_eval(model)
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be (batch, T) with T >= 1, got shape {tuple(idx.shape)}")
-    cache = KVCache.for_model(model)
+    cache = KVCache.for_config(model.cfg)
     with torch.no_grad():
         for _ in range(max_new_tokens):
             if idx.shape[1] > context_size:  # cropped: the cache no longer applies

@@ -12,7 +12,7 @@ same sampling settings and the view that was selected.
     result.ok, result.matched_steps, result.diverged_at, result.expected, result.got
 
 The format and the checks of untrusted lesson files (:func:`load_lesson`,
-:func:`validate_lesson`) are in :mod:`gptviz.lesson_format`; this module re-exports them.
+:func:`validate_lesson`) are in :mod:`gptviz.files.lesson_format`; this module re-exports them.
 
 Sampling settings: ``sampling`` holds the settings the first step used — ``temperature``,
 ``sample_top_k``, ``seed``, ``stop_at_eos`` and ``top_p`` (when the session has it), plus any
@@ -39,15 +39,13 @@ from typing import Any, Mapping
 import tiktoken
 import torch
 
+from ..config import GPTConfig
+from ..generation.session import GenerationSession, StepRecord
+from ..model import GPTModel
+from ..settings import DTYPES
+from ..tokenizer import get_encoding, token_piece
 from . import lesson_format
-from .config import GPTConfig
-from .generation import GenerationSession, StepRecord
-from .lesson_format import (DEFAULT_MAX_MODEL_BYTES, FORMAT, FORMAT_VERSION, KNOWN_SAMPLING, MAX_ENTRIES,  # noqa: F401
-                            MAX_LESSON_BYTES, MAX_LESSON_TOKENS, MAX_SHORT_CHARS, MAX_TEXT_CHARS, MODEL_KINDS,
-                            SESSION_OPTIONS, LessonError, _is_number, load_lesson, validate_lesson)
-from .model import GPTModel
-from .settings import DTYPES
-from .tokenizer import get_encoding, token_piece
+from .lesson_format import DEFAULT_MAX_MODEL_BYTES, FORMAT, FORMAT_VERSION, KNOWN_SAMPLING, MAX_ENTRIES, MAX_LESSON_BYTES, MAX_LESSON_TOKENS, MAX_SHORT_CHARS, MAX_TEXT_CHARS, MODEL_KINDS, SESSION_OPTIONS, LessonError, _is_number, load_lesson, validate_lesson
 
 __all__ = [
     *lesson_format.__all__,  # the format, LessonError, load_lesson, validate_lesson
@@ -170,7 +168,7 @@ def lesson_from_session(session: GenerationSession, *, model_source: Mapping[str
         raise LessonError("model_source's config is not the configuration of the session's model")
     else:
         source["config"] = GPTConfig.coerce(source["config"]).to_dict()
-    from . import __version__
+    from .. import __version__
 
     sampling, changes = _sampling_history(session)
     lesson = {

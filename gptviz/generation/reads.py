@@ -1,6 +1,6 @@
 """What a generation session reads from the model and what it keeps of the reads: the KV cache,
 the attention rows shown, the memory budget (:class:`SessionReads`, the base of
-:class:`~gptviz.generation.GenerationSession`).
+:class:`~gptviz.generation.session.GenerationSession`).
 
 Attention for display comes from two paths:
 
@@ -27,10 +27,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import KVCache
-from .ids import require_eval
-from .model import GPTModel
-from .trace import VALUES, Trace
+from ..ids import require_eval
+from ..kv_cache import KVCache
+from ..model import GPTModel
+from ..trace import VALUES, Trace
 
 #: Attention rows kept beyond the window, so this many undos need no recompute.
 UNDO_ROWS = 16
@@ -115,7 +115,7 @@ def predict_with_lens(model: GPTModel, finals: torch.Tensor, kept: list[torch.Te
 
 
 class SessionReads:
-    """The model reads of a :class:`~gptviz.generation.GenerationSession` and what they keep.
+    """The model reads of a :class:`~gptviz.generation.session.GenerationSession` and what they keep.
 
     Works on the session's state, set by its ``__init__``: ``model``, ``attn_window``,
     ``logit_lens``, ``max_retained_bytes``, ``steps``, ``_ids``, ``_records_bytes``, ``_pending``
@@ -267,7 +267,7 @@ class SessionReads:
             per_position = cache.nbytes // first.k.shape[2]  # keys + values of one position, all layers
             fits = (self.max_retained_bytes - (self.retained_bytes - cache.nbytes)) // per_position
             keep = min(cache.length, fits // first.chunk * first.chunk)
-            self._cache = KVCache.for_model(self.model, first.chunk) if keep > 0 else None
+            self._cache = KVCache.for_config(self.model.cfg, first.chunk) if keep > 0 else None
             with torch.inference_mode():
                 for old, new in zip(cache.layers, self._cache.layers if keep > 0 else []):
                     new.update(old.k[:, :, :keep], old.v[:, :, :keep])
@@ -291,7 +291,7 @@ class SessionReads:
         rows_ok = self._rows is not None and self._rows_c0 == c0 and self._lo <= r0 <= self._hi
         a = min(max(self._hi, r0) if rows_ok else r0, end - 1)  # first position to trace (at least the last)
         # Cropping shifts every position, so a cache is only ever kept for an uncropped context.
-        cache = self._cache if (self._cache is not None and c0 == 0) else KVCache.for_model(model)
+        cache = self._cache if (self._cache is not None and c0 == 0) else KVCache.for_config(model.cfg)
         s = min(c0 + cache.length, a)  # first position to compute
         cache.truncate(s - c0)
         trace = Trace(("attn_weights", "residual") if self.logit_lens else ("attn_weights",))

@@ -1,113 +1,18 @@
-"""Plotly figures for gptviz: pure functions, no gradio."""
+"""The Generate view's figures: next-token candidates, sampling, attention heatmaps, the logit lens."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
 
-from .config import GPTConfig
-from .params import GROUPS, param_breakdown
-from .formatting import percent
-
-# --- parameters
-
-#: One colour per parameter group (the subtotal groups of :func:`gptviz.params.param_breakdown`).
-GROUP_COLORS = {
-    "embeddings": "#4C78A8",
-    "attention": "#F58518",
-    "feed-forward": "#54A24B",
-    "layer norms": "#B279A2",
-    "output head": "#E45756",
-}
-
-
-def params_figure(cfg: GPTConfig | Mapping[str, Any], height: int = 600) -> go.Figure:
-    """Treemap of where the parameters live: model → group → component (summed over blocks).
-
-    Areas are parameter counts. A tied output head adds no parameters, so it has no tile of
-    its own: the token embedding's tile says it doubles as the output head, and so does the
-    subtitle; an untied head is a tile as large as the token embedding.
-    """
-    cfg = GPTConfig.coerce(cfg)
-    df = param_breakdown(cfg)
-    total = int(df.loc[df["kind"] == "total", "total"].iloc[0])
-    parts = df[(df["kind"] == "component") & (df["total"] > 0)]
-    subtotals = df[df["kind"] == "subtotal"].set_index("group")["total"]
-
-    ids, labels, parents, values, colors, hover = ["model"], ["GPTModel"], [""], [total], ["#EEEEEE"], [
-        f"GPTModel: {total:,} parameters"
-    ]
-    for group in GROUPS:
-        value = int(subtotals[group])
-        if value:
-            ids.append(group), labels.append(group), parents.append("model"), values.append(value)
-            colors.append(GROUP_COLORS[group]), hover.append(f"{group}: {value:,} ({100 * value / total:.2f} %)")
-    for r in parts.itertuples():
-        label = r.component
-        if cfg.tie_weights and r.module == "tok_emb":
-            label = "token embedding = output head (tied)"
-        ids.append(f"{r.group}/{r.component}"), labels.append(label), parents.append(r.group)
-        values.append(int(r.total)), colors.append(GROUP_COLORS[r.group])
-        hover.append(
-            f"<b>{r.module}</b> {r.shape}<br>{r.formula} = {r.params_each:,}"
-            f"{f' × {r.count} blocks' if r.count > 1 else ''}<br>"
-            f"{r.total:,} parameters, {r.percent:.2f} % of the model"
-            + (f"<br>{r.note}" if r.note else "")
-        )
-
-    head = int(df.loc[df["module"] == "tok_emb", "total"].iloc[0])
-    subtitle = (
-        f"output head tied to tok_emb: it shares those {head:,} parameters and adds none"
-        if cfg.tie_weights
-        else f"output head not tied: its own {head:,} parameters, as many as tok_emb"
-    )
-    return go.Figure(
-        go.Treemap(
-            ids=ids, labels=labels, parents=parents, values=values, branchvalues="total",
-            marker=dict(colors=colors, line=dict(width=1, color="white")),
-            hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
-            texttemplate="<b>%{label}</b><br>%{value:,}<br>%{percentRoot:.1%}",
-            pathbar=dict(visible=True), sort=False,
-        ), layout=dict(
-        title=dict(text=f"Where the {total:,} parameters live", subtitle=dict(text=subtitle), x=0.01),
-        height=height, margin=dict(l=8, r=8, t=70, b=8), uniformtext=dict(minsize=11, mode="hide"),
-        font=dict(size=13),
-    ))
-
-
-# --- generation
+from ..formatting import percent
+from .style import _FIXED, _GRID, _PLAIN, TICK_SIZE, _text_px, _thin_ticks
 
 #: Colour of causally masked cells (a query may not attend to later keys).
 MASKED_COLOR = "#D0D4DC"
-# Each figure is built in one go.Figure(data, layout=...) call: fig.update_layout parses its keys
-# as property paths, ~15 ms per figure here, and the step's figures are redrawn at every click.
-
-#: White backgrounds: plotly_white's look without its template, which costs ~7 ms per figure
-#: to validate and copy (these figures are redrawn on every step).
-_PLAIN = dict(paper_bgcolor="white", plot_bgcolor="white", font=dict(size=13))
-_GRID = "#E5E9F0"
-#: Font size of token labels on heatmap axes.
-TICK_SIZE = 12
-#: Axes whose tick labels are placed without measuring each one in the browser (plotly's
-#: automatic margins and overflow checks force a page layout per label: ~300 ms in a Gradio page).
-_FIXED = dict(automargin=False, ticklabeloverflow="allow")
-
-
-def _text_px(labels: Sequence[str], size: int) -> int:
-    """Approximate width in pixels of the longest label at font ``size`` (for fixed margins)."""
-    return int(0.62 * size * max((len(s) for s in labels), default=0))
-
-
-def empty_figure(message: str, height: int = 360) -> go.Figure:
-    """A blank figure carrying a message (placeholder before anything is computed)."""
-    return go.Figure(layout=dict(
-        annotations=[dict(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False, font=dict(size=15))],
-        height=height, xaxis=dict(visible=False), yaxis=dict(visible=False), margin=dict(l=10, r=10, t=30, b=10),
-        **_PLAIN,
-    ))
 
 
 def topk_figure(pieces: Sequence[str], probs: Sequence[float], ids: Sequence[int], *, chosen: int = 0,
@@ -160,13 +65,6 @@ def sampling_figure(pieces: Sequence[str], probs: Sequence[float], sample_probs:
                    zerolinecolor=_GRID),
         yaxis=dict(_FIXED, autorange="reversed", type="category"),
     ))
-
-
-def _thin_ticks(ticks: Sequence[str], labels: Sequence[str], max_ticks: int) -> tuple[list[str], list[str]]:
-    """At most ``max_ticks`` evenly spread tick labels (the rest stay readable on hover)."""
-    stride = max(1, -(-len(ticks) // max_ticks))
-    keep = range(len(ticks) - 1, -1, -stride)[::-1]  # always label the newest token
-    return [ticks[i] for i in keep], [labels[i] for i in keep]
 
 
 def _causal(weights: Any) -> np.ndarray:
@@ -282,55 +180,3 @@ def logit_lens_figure(pieces: Sequence[Sequence[str]], probs: Sequence[Sequence[
                    ticktext=list(x_labels), tickfont=dict(size=TICK_SIZE)),
         yaxis=dict(_FIXED, title="block (trf_blocks.i)", dtick=1 if n_layers <= 24 else 4),
     ))
-
-
-# --- inside
-
-#: The two runs a comparison figure sets side by side (e.g. normal and ablated).
-PAIR_COLORS = ("#4C78A8", "#F58518")
-
-
-def comparison_figure(labels: Sequence[str], first: Sequence[float], second: Sequence[float], *,
-                      names: tuple[str, str] = ("normal", "ablated"), title: str = "Next-token candidates",
-                      height: int = 420) -> go.Figure:
-    """Grouped horizontal bars: two runs' probabilities of the same tokens (``labels``, top row
-    first), e.g. the next-token candidates with and without some attention heads."""
-    return go.Figure([
-        go.Bar(x=list(values), y=list(labels), orientation="h", name=name, marker_color=color,
-               text=[percent(v) for v in values], textposition="outside", cliponaxis=False,
-               hovertemplate=f"%{{y}}<br>{name}: %{{x:.4~%}}<extra></extra>")
-        for name, values, color in zip(names, (first, second), PAIR_COLORS)
-    ], layout=dict(
-        title=dict(text=title, x=0.01), height=height, **_PLAIN, barmode="group", bargap=0.25,
-        margin=dict(l=16 + _text_px(labels, 13), r=70, t=80, b=50),  # the legend sits under the title
-        legend=dict(orientation="h", x=0, xanchor="left", y=1.01, yanchor="bottom"),
-        xaxis=dict(_FIXED, title="probability (softmax over the vocabulary)", tickformat=".3~%", rangemode="tozero",
-                   gridcolor=_GRID, zerolinecolor=_GRID),
-        yaxis=dict(_FIXED, autorange="reversed", type="category"),
-    ))
-
-
-def cache_work_figure(contexts: Sequence[int], cached: Sequence[float], full: Sequence[float], *,
-                      now: int | None = None, title: str = "Work of one generation step",
-                      height: int = 320) -> go.Figure:
-    """FLOPs of one generation step against the context length: with a KV cache (only the new
-    position runs) and without one (the whole context is recomputed); ``now`` marks the
-    current context length. A log scale: the cached step's work barely grows."""
-    fig = go.Figure([
-        go.Scatter(x=list(contexts), y=np.asarray(values, dtype=np.float64) / 1e9, name=name, mode="lines",
-                   line=dict(color=color, width=2.5),
-                   hovertemplate=f"{name}<br>context %{{x}} tokens: %{{y:.3g}} GFLOP<extra></extra>")
-        for name, values, color in (("without a cache", full, PAIR_COLORS[1]), ("with the KV cache", cached,
-                                                                               PAIR_COLORS[0]))
-    ])
-    if now is not None:
-        fig.add_vline(x=now, line=dict(color="#555c6b", dash="dot", width=1.5),
-                      annotation=dict(text=f"now: {now} tokens", font=dict(size=12)),
-                      annotation_position="top right")
-    fig.update_layout(
-        title=dict(text=title, x=0.01), height=height, **_PLAIN, margin=dict(l=60, r=16, t=80, b=50),
-        legend=dict(orientation="h", x=0, xanchor="left", y=1.01, yanchor="bottom"),  # under the title
-        xaxis=dict(_FIXED, title="context (tokens)", gridcolor=_GRID, zerolinecolor=_GRID, rangemode="tozero"),
-        yaxis=dict(_FIXED, title="GFLOP per step (log scale)", type="log", dtick=1, gridcolor=_GRID),
-    )
-    return fig

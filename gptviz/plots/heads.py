@@ -1,4 +1,4 @@
-"""Plotly figures of the head-role atlas (:mod:`gptviz.heads`): pure functions, no gradio."""
+"""Plotly figures of the head-role atlas (:mod:`gptviz.analysis.heads`): pure functions, no gradio."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from .heads import ROLES
-from .plots import _FIXED, _PLAIN
+from ..analysis.heads import ROLES
+from .style import _FIXED, _PLAIN
 
 __all__ = ["ROLE_LABELS", "head_roles_figure"]
 
@@ -22,7 +22,7 @@ ROLE_LABELS = {
 
 
 def head_roles_figure(df: pd.DataFrame, role: str, *, title: str | None = None, height: int | None = None) -> go.Figure:
-    """Layers × heads heatmap of one role's score (a :func:`gptviz.heads.head_roles` table).
+    """Layers × heads heatmap of one role's score (a :func:`gptviz.analysis.heads.head_roles` table).
 
     Row = block (layer 0 on top), column = head; colour scale fixed to 0–1 so figures of
     different roles and models compare. Hover shows every role's score of the cell. Each

@@ -2,9 +2,9 @@
 shapes and the line of ``gptviz/model.py`` that made the call (plus the attention intermediates
 the model's :class:`~gptviz.model.Trace` records); :func:`model_source` gives the source text
 those line numbers refer to. Also :func:`_batch`, the token ids as a batch, which
-:mod:`gptviz.inside` shares.
+:mod:`gptviz.analysis.inside` shares.
 
-:mod:`gptviz.inside` re-exports :func:`trace_shapes`, :func:`collapse_blocks` and :func:`model_source`.
+:mod:`gptviz.analysis.inside` re-exports :func:`trace_shapes`, :func:`collapse_blocks` and :func:`model_source`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from . import model as model_module
-from .ids import TokenIds, as_batch
-from .model import GPTModel
-from .trace import RESIDUAL, TRACE_NAMES, Trace
+from .. import model as model_module
+from ..ids import TokenIds, as_batch
+from ..model import GPTModel
+from ..trace import RESIDUAL, TRACE_NAMES, Trace
 
 __all__ = ["model_source", "trace_shapes", "collapse_blocks"]
 
