@@ -1,5 +1,5 @@
 """Turns on the shared model: one at a time, waiting Steps before waiting analyses, re-entrant;
-reads made ahead after both."""
+reads made ahead after both; analyses and training steps wait a bounded number of turns."""
 
 from __future__ import annotations
 
@@ -33,6 +33,66 @@ def test_waiting_steps_go_before_waiting_analyses():
         t.join(10)
     assert order == ["step 0", "step 1", "step 2", "analysis"]  # ... yet every Step goes first, in order
     assert not turns.locked()
+
+
+def _steppers_without_pause(turns, n, stop, granted):
+    """``n`` visitors pressing Step without pause: each takes a turn, works 2 ms, asks again at once
+    (for at most 10 s: where waiting work starves, the test ends and fails instead of hanging)."""
+    deadline = time.monotonic() + 10
+
+    def press():
+        while not stop.is_set() and time.monotonic() < deadline:
+            with turns.turn(Turns.STEP):
+                granted.append("step")
+                time.sleep(0.002)
+
+    threads = [threading.Thread(target=press) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def test_an_analysis_or_training_step_waits_a_bounded_number_of_turns_behind_steps_without_pause():
+    """Today's rule (Turns' docstring): passed over max_passed times, it counts as a Step and goes
+    after the Steps already waiting when it came: at most max_passed + n_steppers step turns."""
+    for priority in (Turns.ANALYSIS, Turns.TRAIN):
+        turns, stop, granted = Turns(), threading.Event(), []
+        steppers = _steppers_without_pause(turns, 4, stop, granted)
+        time.sleep(0.1)  # the class is stepping
+        waited = []
+        for _ in range(5):  # five slices one after another, each asked for while Steps keep coming
+            asked = len(granted)
+            with turns.turn(priority):
+                waited.append(len(granted) - asked)
+                granted.append("slice")
+                time.sleep(0.002)
+        stop.set()
+        for t in steppers:
+            t.join(10)
+        assert max(waited) <= Turns.MAX_PASSED + 4, waited
+        assert granted.count("step") > 5 * max(waited)  # the Steps kept going meanwhile
+
+
+def test_reads_made_ahead_do_not_age():
+    turns = Turns(max_passed=1)
+    turns.acquire(Turns.STEP)
+    order = []
+
+    def wait(name, priority):
+        with turns.turn(priority):
+            order.append(name)
+
+    ahead = threading.Thread(target=wait, args=("ahead", Turns.AHEAD))
+    ahead.start()
+    time.sleep(0.1)
+    analyses = [threading.Thread(target=wait, args=(f"analysis {k}", Turns.ANALYSIS)) for k in range(3)]
+    for t in analyses:
+        t.start()
+        time.sleep(0.05)
+    turns.release()
+    for t in [ahead, *analyses]:
+        t.join(10)
+    assert order == ["analysis 0", "analysis 1", "analysis 2", "ahead"]  # passed over three times, still last
 
 
 def test_one_at_a_time_and_reentrant():

@@ -22,25 +22,41 @@ _LOG = logging.getLogger(__name__)
 
 
 class Turns:
-    """One unit of model work at a time, steps first: a waiting Step (priority 0) goes before
-    waiting analyses (priority 1), which run in slices, so a long analysis never holds the
-    model for more than one slice while visitors press Step; reads made ahead (priority 2,
-    :class:`ReadAhead`) wait for both. Same priority: first come, first served.
+    """One unit of model work at a time, steps first, and nothing waits without bound.
+
+    The rule: the waiting unit of the best priority goes next — a Step (:attr:`STEP`) before an
+    analysis slice (:attr:`ANALYSIS`) before a read made ahead (:attr:`AHEAD`, :class:`ReadAhead`)
+    before a training step (:attr:`TRAIN`); same priority, first come, first served. But a waiting
+    analysis slice or training step that has been passed over ``max_passed`` times (other units
+    granted the turn while it waited) counts as a Step from then on, and since it arrived before
+    the Steps waiting behind it, it goes next after the Steps that were already waiting when it
+    came. So while visitors press Step without pause, an analysis or a training step still gets
+    the model after at most ``max_passed`` turns plus the Steps queued before it; and since each
+    of its units is one slice, a Step waits at most one slice. Reads made ahead never age: they
+    are made only while the model has nothing else to do, and dropped when their visitor acts.
+
     Re-entrant: a thread that holds the turn may take it again (model work nested in a handler
     that already took its turn)."""
 
-    STEP, ANALYSIS, AHEAD = 0, 1, 2
+    STEP, ANALYSIS, AHEAD, TRAIN = 0, 1, 2, 3
+    MAX_PASSED = 4  # turns a waiting analysis slice or training step lets pass before it counts as a Step
 
-    def __init__(self) -> None:
+    def __init__(self, max_passed: int = MAX_PASSED) -> None:
         self._cond = threading.Condition()
         self._busy = False
         self._owner: int | None = None
         self._depth = 0
-        self._waiting: list[tuple[int, int]] = []  # (priority, ticket), in arrival order
+        self._waiting: dict[int, list[int]] = {}  # ticket -> [priority, times passed over], in arrival order
         self._tickets = 0
+        self.max_passed = max_passed
 
-    def _first(self) -> tuple[int, int]:
-        return min(self._waiting)
+    def _rank(self, ticket: int) -> tuple[int, int]:
+        priority, passed = self._waiting[ticket]
+        aged = priority != self.AHEAD and passed >= self.max_passed
+        return (self.STEP if aged else priority), ticket
+
+    def _first(self) -> int:
+        return min(self._waiting, key=self._rank)
 
     def acquire(self, priority: int = STEP) -> None:
         with self._cond:
@@ -48,11 +64,13 @@ class Turns:
                 self._depth += 1
                 return
             self._tickets += 1
-            me = (priority, self._tickets)
-            self._waiting.append(me)
+            me = self._tickets
+            self._waiting[me] = [priority, 0]
             while self._busy or self._first() != me:
                 self._cond.wait()
-            self._waiting.remove(me)
+            del self._waiting[me]
+            for waiting in self._waiting.values():  # everyone still waiting was passed over once more
+                waiting[1] += 1
             self._busy, self._owner, self._depth = True, threading.get_ident(), 1
 
     def release(self) -> None:
