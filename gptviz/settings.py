@@ -11,6 +11,7 @@ Nothing else in gptviz reads the environment for its behaviour: the app builds o
 | ``GPTVIZ_MAX_MODEL_BYTES`` | 4 GB | weights a visitor may build or load |
 | ``GPTVIZ_ALLOW_UPLOAD`` | on locally, off on a Space | visitors may upload their own checkpoint |
 | ``GPTVIZ_MAX_UPLOAD_BYTES`` | 1 GB | size limit of one upload |
+| ``GPTVIZ_MAX_TRAININGS`` | 2 | trainings on the Train view at once (others wait in line) |
 | ``GPTVIZ_READ_AHEAD`` | on | read a visitor's next step while the model is idle (``0``: off) |
 | ``GPTVIZ_KERNEL`` | ``auto`` | float32 products on the CPU: ``auto`` (the faster kernel per weight shape, timed at start), ``F.linear`` or ``oneDNN`` |
 """
@@ -84,6 +85,8 @@ class Settings:
     model_concurrency: int = 16  # model events admitted at once (they take turns on the model)
     model_store_capacity: int = 3  # shared models kept built
     max_uploads: int = 2  # visitors' own uploaded models held at once (least recently used released)
+    max_trainings: int = 2  # Train view trainings at once (GPTVIZ_MAX_TRAININGS); the others wait in line
+    max_train_text_bytes: int = 2_000_000  # a training text pasted or uploaded on the Train view
     read_ahead: bool = True  # a visitor's next step read while the model is idle (GPTVIZ_READ_AHEAD=0: off)
     cpu_kernel: str = "auto"  # GPTVIZ_KERNEL: gptviz.kernels.KERNEL_POLICIES
 
@@ -106,6 +109,7 @@ class Settings:
             allow_upload=(not on_space) if upload is None else upload,
             max_upload_bytes=_bytes(env.get("GPTVIZ_MAX_UPLOAD_BYTES"), cls.max_upload_bytes),
             on_space=on_space,
+            max_trainings=max(1, int(env.get("GPTVIZ_MAX_TRAININGS", "").strip() or cls.max_trainings)),
             read_ahead=_flag(env.get("GPTVIZ_READ_AHEAD")) is not False,
             cpu_kernel=env.get("GPTVIZ_KERNEL", "").strip() or "auto",
         )

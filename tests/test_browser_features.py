@@ -296,3 +296,33 @@ def test_uploads_are_off_on_a_space(browser):
         note = page.text_content("#upload-note")
         assert "GPTVIZ_ALLOW_UPLOAD" in note and "Space" in note
         page.context.close()
+
+
+# --------------------------------------------------------------------------- (f) the Train view
+
+
+def test_train_a_model_stop_it_and_explore_it_in_the_generate_view(app, browser):
+    page = fresh_page(browser, base(app) + "/")
+    page.get_by_role("tab", name="Train").click()
+    page.wait_for_selector("#train-start", state="visible")
+    page.fill("#train-epochs input", "3")  # the one-minute preset on The Verdict: 4 steps an epoch
+    page.click("#train-start")
+    points = "() => document.querySelector('#train-loss .js-plotly-plot')?.data?.[0]?.y?.length ?? 0"
+    page.wait_for_function(f"() => ({points})() >= 1", timeout=TIMEOUT_MS)  # the first evaluation (step 0)
+    page.wait_for_function("() => /step [3-9]\\/12/.test(document.querySelector('#train-status')?.textContent)",
+                           timeout=TIMEOUT_MS)
+    grown = page.evaluate(points)
+    page.click("#train-stop")
+    page.wait_for_function("() => document.querySelector('#train-status')?.textContent.includes('Stopped')",
+                           timeout=TIMEOUT_MS)
+    assert grown >= 1 and page.evaluate(points) >= grown  # the chart grew as it trained (evaluations at 0, 5, 10)
+    assert page.evaluate("() => document.querySelector('#train-grads .js-plotly-plot')?.data?.[0]?.y?.length") == 4
+
+    page.click("#train-explore")
+    generate_tab(page)
+    page.click("#step-btn")
+    wait_chips(page, 5)
+    open_accordion(page, "Raw data of the last step", "#step-json")
+    page.wait_for_function("() => document.querySelector('#step-json')?.textContent.includes('the model you trained')",
+                           timeout=TIMEOUT_MS)
+    page.context.close()

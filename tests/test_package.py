@@ -114,12 +114,13 @@ FLOORS = [
     {"gptviz.files"},
     {"gptviz.plots"},
     {"gptviz.analysis"},
+    {"gptviz.train"},  # chapter 5: its sample continuation is the app's greedy generation
     {"gptviz.generation"},
 ]
 
 
 def floor(name: str) -> int:
-    """0 for tools … 5 for generation; 6 for the top-level modules (model, config, …)."""
+    """0 for tools … 6 for generation; 7 for the other top-level modules (model, config, …)."""
     for i, rooms in enumerate(FLOORS):
         if any(name == r or name.startswith(r + ".") for r in rooms):
             return i

@@ -16,7 +16,7 @@ from ..tokenizer import get_encoding
 from .generate import Details, Main
 from .html import md_code
 from .outputs import components
-from .serving import UPLOAD, AppContext, ModelSpec, Visitor, error
+from .serving import OWN, TRAINED, UPLOAD, AppContext, ModelSpec, Visitor, error
 
 UPLOAD_TYPES = [".safetensors", ".pth", ".pt"]
 
@@ -38,7 +38,7 @@ class ModelView:
     def card(self, v: Visitor) -> str:
         """The visitor's model: where its weights came from, size, device, dtype and configuration."""
         spec = v.spec
-        if spec.source == UPLOAD:
+        if spec.source in OWN:
             model, loaded = v.own, v.own is not None
         else:
             loaded = spec in self.ctx.models
@@ -52,6 +52,8 @@ class ModelView:
             origin = f"your upload {md_code(src.filename if src and src.filename else spec.name)}"
             if src is not None and src.sha256:
                 origin += f", sha256 `{src.sha256_prefix}…`"
+        elif spec.source == TRAINED:
+            origin = f"trained by you on the Train tab: {spec.name}"
         elif is_allowed_name(spec.source):
             kind = "the book's converted GPT-2 weights" if spec.source.startswith("book:") else "released weights"
             origin = f"{kind}, Hugging Face Hub `{hub_repo_id(spec.source)}`"
@@ -165,8 +167,13 @@ class ModelView:
         src = weights_source(model)
         name = f"{path.name}" + (f" (sha256 {src.sha256_prefix}…)" if src is not None and src.sha256 else "")
         v = self.ctx.visitor(request)
-        out = self._use(v, ModelSpec(UPLOAD, model.cfg, dtype, name), None, own=model)
-        self.ctx.visitors.admit_upload(v, s.max_uploads)
+        return self.use_own(v, ModelSpec(UPLOAD, model.cfg, dtype, name), model)
+
+    def use_own(self, v: Visitor, spec: ModelSpec, model: Any) -> Switched:
+        """The visitor's own model (an upload, or one trained on the Train tab) becomes theirs to explore;
+        beyond ``max_uploads`` such models, other idle visitors' are released."""
+        out = self._use(v, spec, None, own=model)
+        self.ctx.visitors.admit_upload(v, self.ctx.settings.max_uploads)
         return out
 
     # --------------------------------------------------------------- layout and wiring

@@ -12,11 +12,13 @@ from .atlas import ATLAS_JS, AtlasView
 from .components import EXPORT_JS
 from .generate import GenerateView
 from .inside import InsideView
-from .model import ModelView
+from .model import ModelView, Switched
+from .outputs import components
 from .parameters import ParametersView
 from .serving import AppContext
 from .share import ShareView
 from .tokenizer import TokenizerView
+from .train import TrainView
 from .why import WhyPanel
 
 STYLE = Path(__file__).with_name("style.css")
@@ -61,7 +63,7 @@ def build_page(ctx: AppContext) -> gr.Blocks:
     """Lay out every view in its tab, wire each view's own events, then the cross-view ones."""
     os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", ANALYTICS_EVERY)  # read when the queue is made
     tokenizer, generate, inside = TokenizerView(ctx), GenerateView(ctx), InsideView(ctx)
-    parameters, model = ParametersView(ctx), ModelView(ctx)
+    parameters, model, train = ParametersView(ctx), ModelView(ctx), TrainView(ctx)
     share = ShareView(ctx, tokenizer, generate, model)
     atlas = AtlasView(ctx, generate)
     why = WhyPanel(ctx, generate)
@@ -87,6 +89,8 @@ def build_page(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Model", id="model", elem_id="tab-model"):
                 model.build()
                 share.link_row("model")
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train.build()
         tokenizer.wire()
         generate.wire()
         atlas.wire()  # a click on its heatmap moves the Generate view's block and head
@@ -97,6 +101,7 @@ def build_page(ctx: AppContext) -> gr.Blocks:
         # links and lessons fill every view; each Generate action is remembered in the browser.
         inside.wire(inside_tab, generate.c["prompt"])
         model.wire(demo, generate.c, parameters.fields)
+        train.wire(model.use_own, components(Switched, model.c, generate.c), parameters.fields)  # Explore: the Model view's switch
         share.wire(demo, tabs, dict(tokenizer=tokenizer.c, generate=generate.c, inside=inside.c,
                                     parameters=parameters.c, model=model.c), generate.actions)
 

@@ -48,7 +48,7 @@ from ..settings import DTYPES, RANDOM, SEED, Settings
 from .components import rendered
 from .turns import ReadAhead, StepBatcher, Turns
 
-__all__ = ["UPLOAD", "ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "StepBatcher", "AppContext", "build_model", "error"]
+__all__ = ["UPLOAD", "TRAINED", "OWN", "ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "StepBatcher", "AppContext", "build_model", "error"]
 
 
 def error(message: str) -> gr.Error:
@@ -63,7 +63,7 @@ def error(message: str) -> gr.Error:
 class ModelSpec:
     """What a shared model is made from; the key of the :class:`ModelStore`."""
 
-    source: str  # RANDOM, an allowed name, UPLOAD, or an operator's checkpoint path / repo id
+    source: str  # RANDOM, an allowed name, UPLOAD, TRAINED, or an operator's checkpoint path / repo id
     cfg: GPTConfig | None = None  # the configuration of random weights (and of an upload)
     dtype: str = "float32"
     name: str = ""  # an upload: its file name and sha256 prefix
@@ -81,11 +81,13 @@ class ModelSpec:
             return f"{self.source}, {self.dtype}"
         if self.source == UPLOAD:
             return f"your file {self.name}, {self.dtype}"
+        if self.source == TRAINED:
+            return f"the model you trained: {self.name}, {self.dtype}"
         return f"the operator's checkpoint, {self.dtype}"  # never show a server path to visitors
 
     def weight_bytes(self) -> int | None:
         """Estimated bytes of the loaded model; None for an operator's path (its size is unknown)."""
-        if self.source in (RANDOM, UPLOAD):
+        if self.source in (RANDOM, *OWN):
             return estimated_bytes(self.cfg, DTYPES[self.dtype])
         if is_allowed_name(self.source):
             return estimated_bytes(self.source, DTYPES[self.dtype])
@@ -100,6 +102,8 @@ class ModelSpec:
 
 
 UPLOAD = "upload"  # a visitor's own checkpoint: held by that visitor, never in the shared store
+TRAINED = "trained"  # a model the visitor trained on the Train view: theirs alone, as an upload is
+OWN = (UPLOAD, TRAINED)  # the sources whose model the visitor holds (Visitor.own)
 _SEED_LOCK = threading.Lock()  # seeding and initialising a random model is one atomic act
 
 
@@ -184,7 +188,8 @@ class Visitor:
 
     spec: ModelSpec
     session: GenerationSession | None = None  # holds a reference to the shared model, never a copy
-    own: GPTModel | None = None  # the visitor's uploaded model (spec.source == UPLOAD), theirs alone
+    own: GPTModel | None = None  # the visitor's uploaded or trained model (spec.source in OWN), theirs alone
+    training: Any = None  # its training on the Train view (gptviz.ui.train.TrainingRun), if any
     value_weighted: bool = False  # its heatmaps show attention × value norm
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one event at a time
     last_used: float = field(default_factory=time.monotonic)  # of its last event
@@ -244,6 +249,9 @@ class Visitors:
 
     @staticmethod
     def _free(v: Visitor) -> None:
+        if v.training is not None:  # a closed or forgotten tab stops its training after the step in progress
+            v.training.trainer.stop()
+            v.training = None
         if v.lock.acquire(blocking=False):  # a busy one is freed when its running event ends
             v.session = v.own = None
             v.lock.release()
@@ -315,10 +323,11 @@ class AppContext:
     def model(self, v: Visitor) -> GPTModel:
         """The visitor's model: its upload, or the shared model of its spec (built or loaded on first
         use); a message if it cannot be had."""
-        if v.spec.source == UPLOAD:
+        if v.spec.source in OWN:
             if v.own is None:
-                raise error("Your uploaded model was released (the tab was idle too long): upload it again on the "
-                            "Model tab.")
+                again = "upload it again on the Model tab" if v.spec.source == UPLOAD else "train it again"
+                raise error(f"Your {'uploaded' if v.spec.source == UPLOAD else 'trained'} model was released (the "
+                            f"tab was idle too long, or others' models needed the room): {again}.")
             return v.own
         try:
             return self.models.get(v.spec)
