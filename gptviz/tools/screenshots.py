@@ -91,6 +91,7 @@ class Shot:
     frame: str = "#tabs"  # CSS selector of the element at the top of the picture …
     margin: int = 4  # … this many px below the picture's top edge
     whole: Sequence[str] = ()  # CSS selectors of elements that must lie entirely inside the picture
+    timeout_ms: int = TIMEOUT_MS  # how long its content may take (training takes minutes on a slow CPU)
 
 
 SHOTS: tuple[Shot, ...] = (
@@ -159,6 +160,9 @@ SHOTS: tuple[Shot, ...] = (
          margin=16, whole=["#preset", "#params-total", "#params-chart", "#cfg-tie_weights"]),
     Shot("model", "Model", ready=[_has_text("model-card", "seed 123"), _has_text("upload-note", "restricted")],
          whole=["#weights-choice", "#model-card"]),
+    Shot("train", "Train",  # the view before Start (a run takes minutes on a 2-core CPU)
+         ready=[_has_text("train-status", "press Start"), _has_text("train-intro", "chapter 5")],
+         whole=["#train-source", "#train-status", "#train-config"]),
 )
 
 
@@ -180,7 +184,7 @@ def take(page: "Page", shot: Shot) -> bytes:
     for method, *args in shot.actions:
         getattr(page, method)(*args)
     for condition in shot.ready:
-        page.wait_for_function(f"() => !!({condition})")
+        page.wait_for_function(f"() => !!({condition})", timeout=shot.timeout_ms)
     page.locator(shot.frame).wait_for()
     page.evaluate("([sel, margin]) => window.scrollBy(0, document.querySelector(sel).getBoundingClientRect().top "
                   "- margin)", [shot.frame, shot.margin])

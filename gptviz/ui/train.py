@@ -39,7 +39,7 @@ from .serving import TRAINED, AppContext, ModelSpec, Turns, Visitor, error
 VERDICT, OWN_TEXT = "verdict", "own"
 TEXT_CHOICES = [("The Verdict (the book's chapter-5 text, 5,145 tokens)", VERDICT), ("my own text", OWN_TEXT)]
 PARAMETERS = "parameters"  # the configuration of the Parameters tab
-CONFIG_CHOICES = [("one-minute: 4 blocks, 128 wide (about a minute on 2 CPU cores)", "one-minute"),
+CONFIG_CHOICES = [("one-minute: 4 blocks, 128 wide, 32 optimizer steps (1 to 4 minutes on 2 CPU cores)", "one-minute"),
                   ("the book's chapter 5: GPT_CONFIG_124M, context 256 (about 10 minutes)", "book-ch05"),
                   ("the Parameters tab's configuration", PARAMETERS)]
 LIMITS = dict(epochs=100, batch_size=64)
