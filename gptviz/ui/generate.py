@@ -13,6 +13,7 @@ from ..plots.style import empty_figure
 from ..tokenizer import encode, get_encoding
 from . import sampling
 from .components import DirectPlot
+from .controls import Checkbox, Slider
 from .html import chips_html, note
 from .inputs import index, prompt_ids
 from .outputs import components, skip
@@ -245,9 +246,9 @@ class GenerateView(StepPictures):
         with gr.Row(equal_height=True):
             c["prompt"] = gr.Textbox(DEFAULT_PROMPT, label="Prompt", scale=4, elem_id="gen-prompt",
                                      info="editing the prompt starts a new session at the next Step")
-            c["n_steps"] = gr.Slider(1, s.max_steps_per_click, value=8, step=1, label="N for Step ×N", scale=2,
+            c["n_steps"] = Slider(1, s.max_steps_per_click, value=8, step=1, label="N for Step ×N", scale=2,
                                      elem_id="stepn-count")
-            c["view_step"] = gr.Slider(0, 1, value=0, step=1, label="Viewing step (0 = the prompt)", scale=2,
+            c["view_step"] = Slider(0, 1, value=0, step=1, label="Viewing step (0 = the prompt)", scale=2,
                                        elem_id="view-step", info="go back to any past step: every view follows")
         with gr.Row():
             c["step_btn"] = gr.Button("Step", variant="primary", elem_id="step-btn")
@@ -269,10 +270,10 @@ class GenerateView(StepPictures):
                     c["cand_csv"] = gr.File(show_label=False, interactive=False, height=60, elem_id="candidates-csv",
                                              visible=False)  # shown with the first file: no empty box before
         with gr.Row():
-            c["layer"] = gr.Slider(0, max(1, n_layers - 1), value=0, step=1, label="Block (layer)",
+            c["layer"] = Slider(0, max(1, n_layers - 1), value=0, step=1, label="Block (layer)",
                                    elem_id="layer-slider")
-            c["head"] = gr.Slider(0, max(1, n_heads - 1), value=0, step=1, label="Head", elem_id="head-slider")
-            c["value_weighted"] = gr.Checkbox(False, label="value-weighted", scale=0, min_width=170,
+            c["head"] = Slider(0, max(1, n_heads - 1), value=0, step=1, label="Head", elem_id="head-slider")
+            c["value_weighted"] = Checkbox(False, label="value-weighted", scale=0, min_width=170,
                                               elem_id="value-weighted",
                                               info="weight × ‖value‖: what each key really adds")
         with gr.Row():

@@ -20,6 +20,7 @@ from ..plots.style import empty_figure
 from ..settings import DTYPES
 from ..tokenizer import get_encoding, label
 from .components import Plot, csv_button, csv_file
+from .controls import Checkbox
 from .html import code_html, esc, tok
 from .inputs import check_text, prompt_ids
 from .outputs import components, skip
@@ -324,7 +325,7 @@ class InsideView:
             gr.Markdown("### Tensor shapes beside the code\nEvery module call of one real forward pass (recorded by "
                         "hooks), in order, with input → output shapes. Click a row to see the line of "
                         "`gptviz/model.py` that made it.", elem_id="shapes-intro")
-            c["expand"] = gr.Checkbox(False, label="Show every block, not only trf_blocks.0", scale=0, min_width=360,
+            c["expand"] = Checkbox(False, label="Show every block, not only trf_blocks.0", scale=0, min_width=360,
                                       elem_id="shapes-expand")
         with gr.Row():
             with gr.Column(scale=6):

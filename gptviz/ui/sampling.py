@@ -9,6 +9,7 @@ import gradio as gr
 
 from ..generation.sampling import TEMPERATURE_MAX, TOP_K_MAX, TOP_P_MIN
 from ..generation.session import GenerationSession
+from .controls import Number, Slider
 from .serving import error
 
 DEFAULT_SEED = 123
@@ -52,12 +53,12 @@ def build(c: dict[str, Any]) -> list[Any]:
     with gr.Accordion("Sampling: temperature, top-k, top-p (temperature 0 is the source's greedy argmax)",
                       open=False, elem_id="sampling-acc"):
         with gr.Row():
-            c["temperature"] = gr.Slider(0, TEMPERATURE_MAX, value=0, step=0.05, label="temperature", elem_id="temperature",
+            c["temperature"] = Slider(0, TEMPERATURE_MAX, value=0, step=0.05, label="temperature", elem_id="temperature",
                                          info="0 = greedy; 1 = the model's own distribution; >1 flatter")
-            c["top_k"] = gr.Slider(0, TOP_K_MAX, value=0, step=1, label="top-k", elem_id="top-k",
+            c["top_k"] = Slider(0, TOP_K_MAX, value=0, step=1, label="top-k", elem_id="top-k",
                                    info="keep the k most probable (0 = off)")
-            c["top_p"] = gr.Slider(TOP_P_MIN, 1, value=1, step=0.01, label="top-p (nucleus)", elem_id="top-p",
+            c["top_p"] = Slider(TOP_P_MIN, 1, value=1, step=0.01, label="top-p (nucleus)", elem_id="top-p",
                                    info="keep the smallest set holding p (1 = off)")
-            c["seed"] = gr.Number(DEFAULT_SEED, label="seed", precision=0, elem_id="sample-seed", min_width=120,
+            c["seed"] = Number(DEFAULT_SEED, label="seed", precision=0, elem_id="sample-seed", min_width=120,
                                   info="same seed, same draws")
     return [c["temperature"], c["top_k"], c["top_p"], c["seed"]]
