@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
 
 from gptviz import GPTConfig, GPTModel
 from gptviz.kernels import book_kernels
 from gptviz.tools import benchmark as b
 from gptviz.tools import benchmark_kernels as bk
+from gptviz.tools import fairness
 
 
 def small_model() -> GPTModel:
@@ -80,3 +84,50 @@ def test_layouts_table_shows_a_kernel_the_cpu_refuses_as_a_dash():
     line = b.report_kernels({"kernels": {}, "transformers": None, "layout_gb_s": [row]})[-1]
     cells = line.split()[-len(labels):]
     assert cells[2] == "—" and cells.count("12.5") == len(labels) - 1
+
+
+# --------------------------------------------------------------------------- fairness scenarios
+
+
+class _FakeClient:
+    """Answers every call after ``delay`` seconds; counts the Steps."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay, self.steps, self.closed = delay, 0, False
+
+    def predict(self, *args, api_name: str):
+        time.sleep(self.delay)
+        self.steps += api_name == "/step"
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_stepper_stops_when_the_work_is_back_and_at_its_bound():
+    done = threading.Event()
+    done.set()
+    c = _FakeClient()
+    assert fairness._steps_until(c, "p", done) == [] and c.steps == 0
+    c = _FakeClient()
+    times = fairness._steps_until(c, "p", threading.Event(), limit=7)  # never set: the bound ends it
+    assert c.steps == 7 and len(times) == 6  # the first Step (a prefill) is left out
+
+
+def test_the_work_runs_beside_steppers_that_stop_when_it_is_back():
+    clients = []
+
+    def make():
+        clients.append(_FakeClient(0.001))
+        return clients[-1]
+
+    seconds, steps = fairness._beside_steppers(make, lambda c: time.sleep(0.3), steppers=3)
+    assert seconds >= 0.3 and len(clients) == 4 and all(c.closed for c in clients)
+    assert 3 < len(steps) < 3 * fairness.MAX_STEPS  # they stepped during the work, and stopped after it
+
+
+def test_the_fairness_report_prints_every_bound_and_ratio():
+    one = {a: dict(alone_s=10.0, beside_s=15.0, ratio=1.5, p50=0.2, p95=0.5, n=40) for a, _, _ in fairness.ANALYSES}
+    one["training"] = dict(without_p95=0.4, with_p95=0.5, without_p50=0.2, with_p50=0.3, ratio=1.25, throughout=True)
+    text = fairness.report({"this checkout": one})
+    assert "precision beside 4 steppers without pause" in text and "1.50×" in text and "1.25×" in text
+    assert "the training ran while every stepper stepped: True" in text

@@ -253,14 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels-only", action="store_true", help="only the decode kernel table (and --lens/--layouts)")
     parser.add_argument("--load", action="store_true",
                         help="start the app and run the classroom scenarios through gradio_client (gptviz.tools.loadtest)")
+    parser.add_argument("--fair", action="store_true",
+                        help="start the app and measure analyses and a training beside visitors who step without "
+                             "pause (gptviz.tools.fairness)")
     parser.add_argument("--against", type=Path, default=None,
-                        help="with --load: another checkout (e.g. `git worktree add ../before HEAD~1`) measured "
+                        help="with --load or --fair: another checkout (e.g. `git worktree add ../before HEAD~1`) measured "
                              "in the same run, for ratios")
     args = parser.parse_args(argv)
-    if args.load:
-        from . import loadtest
+    if args.load or args.fair:
+        from . import fairness, loadtest
 
-        results = loadtest.main(args.against, quick=args.quick)
+        results = (loadtest if args.load else fairness).main(args.against, quick=args.quick)
         if args.json:
             print(json.dumps(results, indent=2))
         return 0
