@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from gptviz import GPTConfig, GPTModel, load_pretrained
-from gptviz.train import (TRAIN_PRESETS, VERDICT_PATH, GPTDatasetV1, Trainer, TrainPreset, create_dataloader_v1,
-                          gradient_check, initial_losses, read_text, save_checkpoint, setup, split_text,
-                          train_model_simple)  # fmt: skip
+from gptviz.analysis.autograd import gradient_check
+from gptviz.train import (TRAIN_PRESETS, VERDICT_PATH, GPTDatasetV1, Trainer, TrainPreset, TrainStep, create_dataloader_v1,
+                          initial_losses, read_text, save_checkpoint, setup, split_text, train_model_simple)  # fmt: skip
 
 from . import book_model
 
@@ -301,3 +301,83 @@ def test_the_command_line_prints_the_books_lines_and_writes_a_checkpoint(monkeyp
     with pytest.raises(SystemExit):
         train.main(["--preset", "small", "--epochs", "0"])
     assert "--epochs must be a positive integer, got 0" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a step in slices (the app's turns)
+
+
+def _run_in_slices(trainer: Trainer, rows: int | None, between=lambda: None) -> tuple[list, int]:
+    """Every step through step_in_slices, ``between()`` run at each pause; (records, pauses)."""
+    records, pauses = [], 0
+    while not trainer.done:
+        slices = trainer.step_in_slices(rows)
+        while True:
+            try:
+                next(slices)
+            except StopIteration as finished:
+                records.append(finished.value)
+                break
+            pauses += 1
+            between()
+    return records, pauses
+
+
+def _same_numbers(a: TrainStep, b: TrainStep) -> bool:
+    return (a.loss, a.train_loss, a.val_loss, a.grad_norms, a.sample) == (b.loss, b.train_loss, b.val_loss,
+                                                                           b.grad_norms, b.sample)
+
+
+def test_whole_batch_slices_are_step_exactly_whatever_runs_between_them(small):
+    """rows=None: the same kernels on the same batches, so exact equality; other visitors' work
+    between the slices (random draws, dropout of another model) changes nothing."""
+    plain = small_trainer(small, num_epochs=2)
+    expected = list(plain.run())
+    sliced = small_trainer(small, num_epochs=2)
+    other = GPTModel(SMALL.cfg).train()
+
+    def another_visitor():
+        torch.rand(1000)
+        other(torch.randint(0, 100, (1, 8)))  # dropout draws from the global stream
+
+    records, pauses = _run_in_slices(sliced, None, another_visitor)
+    assert len(records) == len(expected) and all(_same_numbers(a, b) for a, b in zip(records, expected))
+    assert all(torch.equal(p, q) for p, q in zip(plain.model.parameters(), sliced.model.parameters()))
+    evals = sum(r.evaluated for r in expected)
+    per_eval = sum(min(SMALL.eval_iter, len(loader)) for loader in small[1:])
+    assert pauses == len(expected) + evals * per_eval + 2  # a batch, each eval batch, 2 samples
+
+
+def test_row_slices_add_up_to_the_whole_batchs_gradient(small):
+    """rows=1 with dropout off: the chunks' weighted gradients equal the whole batch's mean-loss
+    gradient up to float32 rounding of a 4-term sum (stated: 1e-4 relative, plus 1e-6 of the
+    tensor's largest gradient for entries near 0), and the step's loss the batch's loss to 1e-6.
+    (The gradients, not the weights: AdamW's first update is ~lr × sign(g), so a rounding-size
+    difference in a near-zero gradient moves a weight by up to lr.)"""
+    whole, sliced = (small_trainer(small, num_epochs=1) for _ in range(2))
+    for t in (whole, sliced):
+        t.model.eval()  # dropout off: one fixed function of the weights
+        t.model.train = lambda mode=True, m=t.model: m  # the trainer's model.train() keeps it in eval
+    a = next(whole.run(max_steps=1))
+    slices = sliced.step_in_slices(rows=1)
+    pauses = 0
+    try:
+        while True:
+            next(slices)
+            pauses += 1
+    except StopIteration as finished:
+        b = finished.value
+    assert pauses >= SMALL.batch_size  # a pause after each of the batch's rows
+    assert b.loss == pytest.approx(a.loss, abs=1e-6) and b.val_loss == pytest.approx(a.val_loss, abs=1e-6)
+    for p, q in zip(whole.model.parameters(), sliced.model.parameters()):  # .grad: left by the step
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6 * float(p.grad.abs().max()) + 1e-9, rtol=1e-4)
+
+
+def test_a_slice_reads_at_most_its_rows(small, monkeypatch):
+    from gptviz.train import loop
+
+    seen = []
+    real = loop.calc_loss_batch
+    monkeypatch.setattr(loop, "calc_loss_batch", lambda x, y, m, d: seen.append(x.shape[0]) or real(x, y, m, d))
+    trainer = small_trainer(small, num_epochs=1)
+    _run_in_slices(trainer, 3)
+    assert seen and max(seen) <= 3 and 1 in seen  # batches of 4: chunks of 3 and 1

@@ -16,7 +16,7 @@ from gptviz.config import CONFIG_FIELDS, GPTConfig
 from gptviz.files.weights import load_pretrained
 from gptviz.ui.generate import GenerateView
 from gptviz.ui.model import ModelView, Switched
-from gptviz.ui.serving import TRAINED
+from gptviz.ui.serving import TRAINED, Turns
 from gptviz.ui.train import OWN_TEXT, PARAMETERS, VERDICT, Trained, TrainView
 
 from .conftest import visit
@@ -151,3 +151,17 @@ def test_bad_files_and_limits_get_specific_messages(make_ctx, tmp_path):
     tight = TrainView(make_ctx(max_model_bytes=10_000_000))
     with pytest.raises(gr.Error, match=r"needs about .* GB .* AdamW's two moments"):
         next(start(tight, choice="book-ch05", max_length=256, stride=256, batch=2))
+
+
+def test_an_optimizer_step_takes_several_short_turns(ctx, monkeypatch):
+    """A batch of 8 windows of 32 tokens (256 tokens) with SLICE_TOKENS = 64: two rows a turn,
+    so at least 4 turns an optimizer step, each at the training's priority."""
+    import gptviz.ui.train as train_view
+
+    monkeypatch.setattr(train_view, "SLICE_TOKENS", 64)
+    priorities, real = [], ctx.turn.acquire
+    monkeypatch.setattr(ctx.turn, "acquire", lambda priority=Turns.STEP: priorities.append(priority) or real(priority))
+    shown = list(start(TrainView(ctx), epochs=1))
+    steps = ctx.visitor(visit("a")).training.trainer.total_steps
+    assert shown[-1].train_status.startswith("**Done**")
+    assert priorities.count(Turns.TRAIN) >= 4 * steps and set(priorities) == {Turns.TRAIN}
