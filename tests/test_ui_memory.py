@@ -41,11 +41,12 @@ def tensor_bytes(model: torch.nn.Module) -> int:
 
 def budget(limit: int, **settings) -> AppContext:
     """An app with its own model store, ``limit`` bytes for everything and no app overhead
-    counted (``base = 0``: the test process is not the app); no reads ahead (a worker holding a
-    visitor's lock for a moment would make it look busy)."""
+    counted (``base = 0``: the test process is not the app); a visitor is idle as soon as its
+    event ends (``idle_s = 0``); no reads ahead (a worker holding a visitor's lock for a moment
+    would make it look busy)."""
     ctx = AppContext(Settings(device="cpu", max_total_bytes=limit, read_ahead=False, **settings),
                      default_spec=ModelSpec(RANDOM, BASE))
-    ctx.memory.base = 0
+    ctx.memory.base, ctx.memory.idle_s = 0, 0
     return ctx
 
 
@@ -118,6 +119,38 @@ def test_a_build_that_finds_no_room_is_refused_with_what_is_in_use_and_the_limit
     assert after["model"] == before["model"] and after["ids"][:-1] == before["ids"] and after["steps"] == 2
     build(ctx, THEIRS, "b")  # a idle now: room is made
     assert a.spec == ctx.default_spec
+
+
+def test_a_visitor_active_within_the_idle_time_is_not_released_and_nobody_is_for_a_refusal():
+    ctx = budget(room_for_one_more())
+    ctx.memory.idle_s = 3600
+    step(ctx, "warm")
+    build(ctx, MINE, "a")
+    step(ctx, "a")
+    with pytest.raises(MemoryFull, match="active now"):
+        build(ctx, THEIRS, "b")
+    assert ctx.visitors.get("a").spec == ModelSpec(RANDOM, MINE) and ctx.memory.released == 0
+    warm = ctx.visitors.get("warm")
+    assert warm.session is not None and not warm.released  # no session was dropped for a refusal either
+    ctx.memory.idle_s = 0  # an hour later
+    build(ctx, THEIRS, "b")
+    assert ctx.visitors.get("a").spec == ctx.default_spec and ctx.memory.released == 1
+
+
+def test_visitors_sharing_a_model_are_released_together_or_not_at_all():
+    ctx = budget(room_for_one_more())
+    step(ctx, "warm")
+    for who in ("a", "b"):
+        build(ctx, MINE, who)  # one shared model: built once
+        step(ctx, who)
+    a, b = ctx.visitors.get("a"), ctx.visitors.get("b")
+    with b.lock:  # b busy on it: releasing a alone would free nothing, so a keeps it
+        with pytest.raises(MemoryFull):
+            build(ctx, THEIRS, "c")
+    assert a.spec == b.spec == ModelSpec(RANDOM, MINE) and ctx.memory.released == 0
+    build(ctx, THEIRS, "c")  # both idle: both go, and so does the model
+    assert a.spec == b.spec == ctx.default_spec and ctx.memory.released == 2
+    assert ModelSpec(RANDOM, MINE) not in ctx.models
 
 
 def test_a_model_larger_than_the_whole_budget_is_refused_as_such():
@@ -233,7 +266,7 @@ def test_a_dropped_model_a_session_holds_is_handed_out_again_not_built_twice():
     del held
     store.get(ModelSpec(RANDOM, THEIRS))
     store.drop(keep=set())
-    assert store.held() == []
+    assert store.built() == {}
 
 
 def test_the_budget_is_read_from_the_environment_and_defaults_to_60_percent_of_the_machine(tmp_path, monkeypatch):

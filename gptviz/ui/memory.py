@@ -35,6 +35,7 @@ import gc
 import itertools
 import sys
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -49,6 +50,9 @@ __all__ = ["MemoryBudget", "MemoryFull", "STATE_FACTOR", "module_storages", "pro
 #: Training memory as a multiple of the float32 weights: the weights, their gradients and AdamW's
 #: two moments (one batch's activations come on top while a step runs).
 STATE_FACTOR = 4
+#: A visitor without an event for this long is idle: its memory may make room for others. (Sooner,
+#: a class building models at once would release each other's in turn and rebuild without end.)
+IDLE_S = 60.0
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
@@ -108,6 +112,10 @@ class MemoryFull(gr.Error):
         super().__init__(message, print_exception=False)
 
 
+def _nbytes(model: torch.nn.Module) -> int:
+    return sum(module_storages(model).values())
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
@@ -127,6 +135,7 @@ class MemoryBudget:
         self._models: weakref.WeakSet = weakref.WeakSet()
         self._making: dict[int, int] = {}  # reservation id -> bytes
         self._ids = itertools.count()
+        self.idle_s = IDLE_S
         self.released = 0  # visitors released to make room so far (tests, the load benchmark)
 
     # --------------------------------------------------------------- counting
@@ -142,7 +151,7 @@ class MemoryBudget:
         with self._lock:
             models = list(self._models)
             making = sum(self._making.values())
-        models += self.ctx.models.held()
+        models += self.ctx.models.built().values()
         for v in visitors:
             s = v.session
             models += [m for m in (v.own, s.model if s is not None else None) if m is not None]
@@ -192,39 +201,87 @@ class MemoryBudget:
                 f"({parts}). {why}")
 
     def _fit(self, need: int, asker: Any, replaced: Callable[[], None] | None) -> dict[str, int]:
-        """Free (module docstring, steps 1-5) until ``need`` more fits; the usage then."""
+        """Free (module docstring, steps 1-5) until ``need`` more fits; the usage then. Visitors
+        are released only when the plan (:meth:`_plan`) frees enough: never for a refusal."""
         usage = self.usage()
         if usage["total"] + need <= self.limit:
             return usage
-        idle = sorted((v for v in self.ctx.visitors.snapshot() if v is not asker), key=lambda v: v.last_used)
-        steps = itertools.chain(
-            [self.ctx.models.drop_copies, lambda: self._drop_unheld(asker, False)],
-            [lambda: (replaced(), self._drop_unheld(asker, True))] if replaced is not None else [],
-            (lambda v=v: self._release(v) and self._drop_unheld(asker, replaced is not None) for v in idle),
-            (lambda v=v: self._release_session(v) for v in idle),
-            [gc.collect])  # anything a reference cycle still held
-        for step in steps:
-            step()
+        self.ctx.models.drop_copies()  # nobody loses anything by these two
+        self._drop_unheld(asker, False)
+        usage = self.usage()
+        plan = self._plan(usage["total"] + need - self.limit, asker, replaced) if usage["total"] + need > self.limit else []
+        for act in itertools.chain(plan or [], [gc.collect] if plan else []):  # gc: what a reference cycle held
+            act()
             usage = self.usage()
             if usage["total"] + need <= self.limit:
                 break
         trim_heap()  # what was freed goes back to the system now
         return usage
 
+    def _plan(self, short: int, asker: Any, replaced: Callable[[], None] | None) -> list[Callable[[], Any]] | None:
+        """What to release to free ``short`` bytes, in order (steps 3-5), or None if all of it would
+        not be enough. A shared model is freed when every visitor on it is released: it is idle
+        when they all are, as idle as the latest of them."""
+        visitors, default, now = self.ctx.visitors.snapshot(), self.ctx.default_spec, time.monotonic()
+        leaving = replaced is not None
+        sizes = {k: _nbytes(m) for k, m in self.ctx.models.built().items()}
+        for v in visitors:  # a model the store dropped that sessions still hold
+            if v.own is None and v.session is not None and v.spec not in sizes:
+                sizes[v.spec] = _nbytes(v.session.model)
+
+        def idle(v: Any) -> bool:
+            return v is not asker and not v.lock.locked() and now - v.last_used >= self.idle_s
+
+        def stopped(v: Any) -> int:  # its training, if it is not going
+            return training_bytes(v.training.trainer) if v.training is not None and not v.training.active else 0
+
+        def own(v: Any) -> int:  # its session and its own model
+            return (v.session.retained_bytes if v.session is not None else 0) + (_nbytes(v.own) if v.own is not None else 0)
+
+        groups: dict[Any, list[Any]] = {}  # the visitors on each shared model; each visitor on its own or the start-up one
+        for v in visitors:
+            if not (leaving and v is asker):
+                groups.setdefault(v.spec if v.own is None and v.spec != default else id(v), []).append(v)
+        moves = []  # (as idle as, bytes it frees, what it does)
+        for key, members in groups.items():
+            if members[0].spec != default and all(map(idle, members)):  # the model and all its visitors hold
+                moves.append((max(v.last_used for v in members), sizes.get(key, 0) + sum(own(v) + stopped(v) for v in members),
+                              lambda members=members: [self._release(v) for v in members]))
+            else:  # on the start-up model, or someone on it is busy: only stopped trainings
+                moves += [(v.last_used, stopped(v), lambda v=v: self._release(v, spec_too=False))
+                          for v in members if idle(v) and stopped(v)]
+        moves.sort(key=lambda m: m[0])
+        gone = {id(v) for key, members in groups.items() if members[0].spec != default and all(map(idle, members))
+                for v in members}
+        moves += [(v.last_used, v.session.retained_bytes, lambda v=v: self._release_session(v))
+                  for v in sorted(visitors, key=lambda v: v.last_used)
+                  if idle(v) and v.session is not None and id(v) not in gone]
+        if leaving:  # first what the asker's new model replaces
+            alone = asker.own is None and asker.spec != default and asker.spec not in groups
+            moves.insert(0, (0, own(asker) + (sizes.get(asker.spec, 0) if alone else 0), replaced))
+        total, plan = 0, []
+        for _, freed, act in moves:
+            total += freed
+            plan.append(lambda act=act: (act(), self._drop_unheld(asker, leaving)))
+            if total >= short:
+                return plan
+        return None
+
     def _drop_unheld(self, asker: Any, asker_leaves: bool) -> None:
         """Drop the shared models whose spec no visitor has (the asker's, if it is leaving it, excluded)."""
         held = {v.spec for v in self.ctx.visitors.snapshot() if not (asker_leaves and v is asker)}
         self.ctx.models.drop(keep=held | {self.ctx.default_spec})
 
-    def _release(self, v: Any) -> bool:
+    def _release(self, v: Any, spec_too: bool = True) -> bool:
         """An idle visitor's own memory (its model unless it is the start-up one, its stopped
-        training): it goes back to the start-up model and is told at its next action (the message
-        is kept in ``v.released_model``). False if it is busy or holds nothing of its own."""
+        training; only the training if not ``spec_too``): it goes back to the start-up model and is
+        told at its next action (the message is kept in ``v.released_model``). False if it is busy
+        or holds nothing of its own."""
         if not v.lock.acquire(blocking=False):
             return False
         try:
             what, then, run = [], [], v.training
-            if v.spec != self.ctx.default_spec:  # (an upload or a trained model has a spec of its own)
+            if spec_too and v.spec != self.ctx.default_spec:  # (an upload or a trained model has a spec of its own)
                 what.append(f"your model ({v.spec.label})")
                 then.append(f"You are back on {self.ctx.default_spec.label}: load or build yours again on the Model tab")
                 v.spec, v.session, v.own = self.ctx.default_spec, None, None

@@ -199,11 +199,11 @@ class ModelStore:
             for key in [k for k, f in self._low.items() if f.done()]:
                 del self._low[key]
 
-    def held(self) -> list[GPTModel]:
-        """The built models and copies kept here now."""
+    def built(self) -> dict[Any, GPTModel]:
+        """The models (by spec) and copies (by spec and dtype) built and kept here now."""
         with self._lock:
-            futures = [*self._models.values(), *self._low.values()]
-        return [f.result() for f in futures if f.done() and f.exception() is None]
+            futures = {**self._models, **self._low}
+        return {k: f.result() for k, f in futures.items() if f.done() and f.exception() is None}
 
     def low_precision(self, spec: ModelSpec, dtype: torch.dtype,
                       room: Callable[[], ContextManager] = nullcontext) -> GPTModel:
