@@ -10,6 +10,7 @@ import threading
 import warnings
 
 import gradio as gr
+import psutil
 import pytest
 import torch
 
@@ -199,6 +200,19 @@ def test_the_count_includes_models_sessions_precision_copies_and_trainings():
     assert usage["total"] == sum(usage[k] for k in ("app", "models", "sessions", "trainings", "making"))
 
 
+def test_the_app_itself_is_what_the_process_holds_beyond_the_count():
+    ctx = AppContext(Settings(device="cpu"), default_spec=ModelSpec(RANDOM, BASE))
+    step_data = step(ctx, "a")[0]
+    assert step_data["steps"] == 1
+    elsewhere = torch.ones(32 * 2**20)  # 128 MB the app holds that no count sees (a request, a figure …)
+    rss = psutil.Process().memory_info().rss
+    usage = ctx.memory.usage()
+    # never below the process's RSS (16 MB: what the process may hand back between the two readings)
+    assert usage["total"] >= rss - 16 * 2**20
+    assert usage["app"] > elsewhere.nbytes
+    assert usage["models"] >= tensor_bytes(ctx.visitors.get("a").session.model)
+
+
 def test_an_idle_visitors_stopped_training_is_released_but_a_running_one_is_not():
     ctx = budget(10**10)
     view, fields = TrainView(ctx), [getattr(BASE, f) for f in CONFIG_FIELDS]
@@ -271,8 +285,6 @@ def test_a_dropped_model_a_session_holds_is_handed_out_again_not_built_twice():
 
 def test_the_budget_is_read_from_the_environment_and_defaults_to_60_percent_of_the_machine(tmp_path, monkeypatch):
     assert Settings.from_env({"GPTVIZ_MAX_TOTAL_BYTES": "4e9"}).max_total_bytes == 4_000_000_000
-    import psutil
-
     assert Settings.from_env({}).max_total_bytes == int(0.6 * min(machine_bytes(), psutil.virtual_memory().total))
     limit = tmp_path / "memory.max"
     limit.write_text("16000000000\n")  # a Space's container: 16 GB on a larger host

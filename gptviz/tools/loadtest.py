@@ -335,8 +335,8 @@ def builders(url: str, pid: int, budget: int | None, steps: int = 3) -> dict[str
     sampler.join()
     for c in clients:
         c.close()
-    return dict(budget_mb=budget / 2**20 if budget else None, rss_before_mb=rss0 / 2**20,
-                peak_rss_mb=peak[0] / 2**20, wall_s=wall, visitors=runs)
+    return dict(budget_mb=budget / 1e6 if budget else None, rss_before_mb=rss0 / 1e6,
+                peak_rss_mb=peak[0] / 1e6, wall_s=wall, visitors=runs)
 
 
 def report_builders(results: dict[str, dict[str, Any]]) -> str:

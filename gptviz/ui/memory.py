@@ -2,7 +2,9 @@
 
 What :meth:`MemoryBudget.usage` counts:
 
-* ``app``: the process itself (Python, torch, Gradio), its RSS when the context was made;
+* ``app``: the process itself (Python, torch, Gradio, requests, the allocator's slack): its RSS
+  beyond everything below, and at least its RSS when the context was made, so the total is never
+  below the process's RSS;
 * ``models``: every live model, each once by its tensors' storage: the shared ones in the
   :class:`~gptviz.ui.serving.ModelStore`, their low-precision copies, visitors' uploads and
   trained models, and models the store dropped that a session still holds (:meth:`track`);
@@ -19,13 +21,15 @@ this order, until it fits:
 1. the low-precision copies (a cache: made again when asked);
 2. shared models no visitor holds (never the start-up model every visitor falls back on);
 3. what the asking visitor is about to replace (its previous model, when it switches);
-4. idle visitors' models, trained models and stopped trainings, the longest idle first: such a
-   visitor is back on the start-up model and is told at its next action (:meth:`tell`);
+4. idle visitors' models, uploads, trained models and stopped trainings, the longest idle first
+   (a shared model goes when every visitor on it is idle, all of them released together): such
+   a visitor is back on the start-up model and is told at its next action (:meth:`tell`);
 5. idle visitors' generation sessions, the longest idle first (told at their next Step).
 
-A visitor whose event is running (its lock held) or whose training is going is never released.
-If it still does not fit, :meth:`room` refuses with :class:`MemoryFull`: how much is in use, of
-what, and the limit.
+Idle: no event for :data:`IDLE_S` seconds. A visitor whose event is running (its lock held) or
+whose training is going is never released, and nobody is released unless the plan frees enough
+(:meth:`MemoryBudget._plan`). If it still does not fit, :meth:`room` refuses with
+:class:`MemoryFull`: how much is in use, of what, and the limit.
 """
 
 from __future__ import annotations
@@ -124,12 +128,13 @@ class MemoryBudget:
     """The sum of what the app holds (module docstring) against ``limit`` bytes.
 
     ``ctx`` is the app's :class:`~gptviz.ui.serving.AppContext`, read at each count (its
-    ``models``, ``visitors`` and ``default_spec``); ``base`` the app's own bytes (None: its RSS now).
+    ``models``, ``visitors`` and ``default_spec``); ``base`` the app's own bytes (None: measured,
+    the process's RSS beyond what is counted, at least its RSS now; a test passes a number).
     """
 
     def __init__(self, ctx: Any, limit: int, base: int | None = None) -> None:
-        self.ctx, self.limit = ctx, limit
-        self.base = process_bytes() if base is None else base
+        self.ctx, self.limit, self.base = ctx, limit, base
+        self._floor = process_bytes()  # the app before any model
         self._deciding = threading.Lock()  # one decision at a time: count, free, reserve
         self._lock = threading.Lock()  # the tracked models and the reservations
         self._models: weakref.WeakSet = weakref.WeakSet()
@@ -160,8 +165,9 @@ class MemoryBudget:
             storages.update(module_storages(m))
         sessions = sum(s.retained_bytes for v in visitors if (s := v.session) is not None)
         trainings = sum(training_bytes(t.trainer) for v in visitors if (t := v.training) is not None)
-        out = dict(app=self.base, models=sum(storages.values()), sessions=sessions, trainings=trainings, making=making)
-        return out | dict(total=sum(out.values()))
+        out = dict(models=sum(storages.values()), sessions=sessions, trainings=trainings, making=making)
+        app = self.base if self.base is not None else max(self._floor, process_bytes() - sum(out.values()))
+        return dict(app=app, **out, total=app + sum(out.values()))
 
     def in_use(self) -> int:
         return self.usage()["total"]
