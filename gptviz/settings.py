@@ -9,6 +9,7 @@ Nothing else in gptviz reads the environment for its behaviour: the app builds o
 | ``GPTVIZ_DTYPE`` | ``float32`` | dtype of that model: ``float32``, ``bfloat16`` or ``float16`` |
 | ``GPTVIZ_DEVICE`` | best available | ``cpu``, ``cuda``, ``mps`` … |
 | ``GPTVIZ_MAX_MODEL_BYTES`` | 4 GB | weights a visitor may build or load |
+| ``GPTVIZ_MAX_TOTAL_BYTES`` | 60 % of the machine's memory | everything the app holds, for all visitors together: the app itself, every model, copy, upload, generation cache and training (:mod:`gptviz.ui.memory`) |
 | ``GPTVIZ_ALLOW_UPLOAD`` | on locally, off on a Space | visitors may upload their own checkpoint |
 | ``GPTVIZ_MAX_UPLOAD_BYTES`` | 1 GB | size limit of one upload |
 | ``GPTVIZ_MAX_TRAININGS`` | 2 | trainings on the Train view at once (others wait in line) |
@@ -19,9 +20,11 @@ Nothing else in gptviz reads the environment for its behaviour: the app builds o
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
+import psutil
 import torch
 
 from .kernels import KERNEL_POLICIES
@@ -49,6 +52,29 @@ def select_device(override: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+#: The share of the machine's memory the app may use in all, unless GPTVIZ_MAX_TOTAL_BYTES says.
+TOTAL_SHARE = 0.6
+#: A container's memory limit (cgroup v2, then v1): a Space's machine reports the host's memory.
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def machine_bytes() -> int:
+    """The memory this process may have: the machine's, or its container's limit if lower."""
+    total = psutil.virtual_memory().total
+    for path in CGROUP_LIMITS:
+        try:
+            raw = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit():  # "max": no limit
+            total = min(total, int(raw))
+    return total
+
+
+def default_total_bytes() -> int:
+    return int(TOTAL_SHARE * machine_bytes())
+
+
 def _flag(raw: str | None) -> bool | None:
     if raw is None or not raw.strip():
         return None
@@ -67,6 +93,7 @@ class Settings:
     dtype: str = "float32"
     device: str = ""  # "" = best available (select_device)
     max_model_bytes: int = 4_000_000_000
+    max_total_bytes: int = field(default_factory=default_total_bytes)  # GPTVIZ_MAX_TOTAL_BYTES: all visitors'
     allow_upload: bool = True
     max_upload_bytes: int = 1_000_000_000
     on_space: bool = False  # running on a Hugging Face Space (SPACE_ID is set)
@@ -93,6 +120,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"GPTVIZ_DTYPE must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.max_total_bytes <= 0:
+            raise ValueError(f"GPTVIZ_MAX_TOTAL_BYTES must be a positive number of bytes, got {self.max_total_bytes}")
         if self.cpu_kernel not in KERNEL_POLICIES:
             raise ValueError(f"GPTVIZ_KERNEL must be one of {', '.join(KERNEL_POLICIES)}, got {self.cpu_kernel!r}")
 
@@ -106,6 +135,7 @@ class Settings:
             dtype=env.get("GPTVIZ_DTYPE", "").strip() or "float32",
             device=env.get("GPTVIZ_DEVICE", "").strip(),
             max_model_bytes=_bytes(env.get("GPTVIZ_MAX_MODEL_BYTES"), cls.max_model_bytes),
+            max_total_bytes=_bytes(env.get("GPTVIZ_MAX_TOTAL_BYTES"), default_total_bytes()),
             allow_upload=(not on_space) if upload is None else upload,
             max_upload_bytes=_bytes(env.get("GPTVIZ_MAX_UPLOAD_BYTES"), cls.max_upload_bytes),
             on_space=on_space,

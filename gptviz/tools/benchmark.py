@@ -259,11 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", type=Path, default=None,
                         help="with --load or --fair: another checkout (e.g. `git worktree add ../before HEAD~1`) measured "
                              "in the same run, for ratios")
+    parser.add_argument("--scenario", choices=["all", "builders"], default="all",
+                        help="with --load: every classroom scenario, or only 4 visitors building ~1.9 GB models")
+    parser.add_argument("--budget", type=float, default=4e9,
+                        help="with --scenario builders: the app's GPTVIZ_MAX_TOTAL_BYTES (default 4e9)")
     args = parser.parse_args(argv)
     if args.load or args.fair:
         from . import fairness, loadtest
 
-        results = (loadtest if args.load else fairness).main(args.against, quick=args.quick)
+        if args.load:
+            results = loadtest.main(args.against, quick=args.quick, scenario=args.scenario, budget=int(args.budget))
+        else:
+            results = fairness.main(args.against, quick=args.quick)
         if args.json:
             print(json.dumps(results, indent=2))
         return 0

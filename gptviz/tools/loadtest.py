@@ -26,6 +26,10 @@ Scenarios (from the classroom issue):
   ``/shapes`` with every block on a ~1,000-token prompt: the steppers' times;
 * ``stepn``: 8 visitors × Step ×20 at once: wall time, and whether every visitor got its solo tokens;
 * ``memory``: the app's RSS after 40 finished sessions, against its RSS before them;
+* ``builders`` (alone: ``--scenario builders``): 4 visitors at once each build a different
+  ~1.9 GB random configuration on the Model view and Step it, the app started with
+  ``GPTVIZ_MAX_TOTAL_BYTES`` (``--budget``, 4 GB): the app's peak RSS (sampled every 20 ms)
+  against the budget, who was refused or released, and whether every Step answered;
 * ``browser`` (when Playwright and Chromium are there): Step click → heatmap redrawn, 12 clicks.
 """
 
@@ -54,11 +58,11 @@ def _port() -> int:
 
 
 @contextmanager
-def app(checkout: Path) -> Iterator[tuple[str, int]]:
+def app(checkout: Path, **extra_env: str) -> Iterator[tuple[str, int]]:
     """``python app.py`` of ``checkout`` on a free port: (url, pid), stopped afterwards."""
     port = _port()
     env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GPTVIZ_DEVICE="cpu",
-               HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(checkout))
+               HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(checkout), **extra_env)
     env.pop("GPTVIZ_WEIGHTS", None)
     proc = subprocess.Popen([sys.executable, "app.py"], cwd=checkout, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -283,12 +287,80 @@ def report(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(against: Path | None = None, quick: bool = False) -> dict[str, Any]:
+#: The builders' configurations: the 124M one at width 1024 (16 heads) with 27 to 30 blocks, 1.80 to
+#: 1.96 GB of float32 weights each, all different.
+BUILDERS = [dict(vocab_size=50257, context_length=1024, emb_dim=1024, n_heads=16, n_layers=n, drop_rate=0.1,
+                 qkv_bias=False, tie_weights=False) for n in (27, 28, 29, 30)]
+
+
+def builders(url: str, pid: int, budget: int | None, steps: int = 3) -> dict[str, Any]:
+    """4 visitors at once build a ~1.9 GB model each (the Model view's ``/build_model``) and Step
+    it ``steps`` times, then each Steps once more: the app's peak RSS, and what each visitor got
+    (its build refused or not, and the model each of its Steps ran on: a released visitor's
+    Steps go on with the start-up model)."""
+    import psutil
+    from gradio_client import Client
+
+    proc, peak, done = psutil.Process(pid), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def step(c: Any, k: int) -> str:
+        return c.predict(f"Builder {k} writes:", 0, 0, api_name="/step")[4]["model"]  # the step data's model
+
+    clients = [Client(url, verbose=False, ssl_verify=False) for _ in BUILDERS]
+    step(clients[0], 0)  # the start-up model is built
+    rss0 = proc.memory_info().rss
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+
+    def visitor(k: int) -> dict[str, Any]:
+        c, out = clients[k], dict(blocks=BUILDERS[k]["n_layers"], refused=None, models=[])
+        try:
+            c.predict(*BUILDERS[k].values(), "float32", api_name="/build_model")
+        except Exception as e:  # noqa: BLE001 - a refusal is a result here
+            out["refused"] = str(e)[:400]
+        out["models"] = [step(c, k) for _ in range(steps)]
+        return out
+
+    t0 = time.perf_counter()
+    runs = _together(len(BUILDERS), visitor)
+    for k, run in enumerate(runs):  # after every build: who was released meanwhile
+        run["models"].append(step(clients[k], k))
+    wall = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    for c in clients:
+        c.close()
+    return dict(budget_mb=budget / 1e6 if budget else None, rss_before_mb=rss0 / 1e6,
+                peak_rss_mb=peak[0] / 1e6, wall_s=wall, visitors=runs)
+
+
+def report_builders(results: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for name, r in results.items():
+        lines.append(f"{name}: 4 builders of ~1.9 GB models at once: peak RSS {r['peak_rss_mb']:.0f} MB, budget "
+                     f"{r['budget_mb']:.0f} MB ({r['rss_before_mb']:.0f} MB before the builds), {r['wall_s']:.0f} s")
+        for v in r["visitors"]:
+            built = f"refused ({v['refused']})" if v["refused"] else "built"
+            ran = ["its own" if "custom configuration" in m else "the start-up model" for m in v["models"]]
+            lines.append(f"  {v['blocks']} blocks: {built}; its Steps ran on: {', '.join(ran)}")
+    return "\n".join(lines)
+
+
+def main(against: Path | None = None, quick: bool = False, scenario: str = "all",
+         budget: int = 4_000_000_000) -> dict[str, Any]:
+    """The scenarios (``scenario="builders"``: only that one, the app given ``budget`` as its
+    GPTVIZ_MAX_TOTAL_BYTES) against this checkout and, if given, ``against``."""
     results: dict[str, Any] = {}
+    env = dict(GPTVIZ_MAX_TOTAL_BYTES=str(budget)) if scenario == "builders" else {}
     for name, checkout in [("this checkout", ROOT)] + ([(f"{against.name}", against)] if against else []):
-        with app(checkout) as (url, pid):
+        with app(checkout, **env) as (url, pid):
             print(f"{name}: {url}", flush=True)
-            results[name] = run_scenarios(url, pid, quick)
+            results[name] = builders(url, pid, budget) if scenario == "builders" else run_scenarios(url, pid, quick)
             print(results[name], flush=True)
-    print(report(results))
+    print(report_builders(results) if scenario == "builders" else report(results))
     return results

@@ -225,7 +225,7 @@ class InsideView:
                         f"{need / 1e9:.2f} GB in all; this app allows {limit / 1e9:.2f} GB (GPTVIZ_MAX_MODEL_BYTES).")
         repeats = max(1, min(3, 256 // len(ids)))  # timed forwards: fewer on long texts (a 1024-token one takes ~1 s)
         k = min(self.ctx.settings.top_k, cfg.vocab_size)
-        lows = [self.ctx.models.low_precision(v.spec, DTYPES[d]) for d in LOW_DTYPES]
+        lows = [self.ctx.low_precision(v, DTYPES[d]) for d in LOW_DTYPES]  # within the memory budget
         work = compare_precisions_in_slices(model, ids, lows, top_k=k, repeats=repeats, slice_len=SLICE,
                                             slice_seconds=SLICE_SECONDS)
         runs = yield from self._in_slices(work, skip(Precision), progress, "Comparing float32, bfloat16, float16",

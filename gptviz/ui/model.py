@@ -3,6 +3,7 @@ released GPT-2 weights, in float32, bfloat16 or float16), its card, and switchin
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,6 +16,7 @@ from ..settings import DTYPES, RANDOM, SEED
 from ..tokenizer import get_encoding
 from .generate import Details, Main
 from .html import md_code
+from .memory import drop_own
 from .outputs import components
 from .serving import OWN, TRAINED, UPLOAD, AppContext, ModelSpec, Visitor, error
 
@@ -82,7 +84,7 @@ class ModelView:
                         f"{limit / 1e9:.2f} GB (GPTVIZ_MAX_MODEL_BYTES). Choose bfloat16 or a smaller model.")
         if progress is not None and own is None:
             progress(0, desc=f"Loading {spec.label} …")
-        model = own if own is not None else self.ctx.model(Visitor(spec))  # a failure keeps the old model
+        model = own if own is not None else self.ctx.model(Visitor(spec), asker=v)  # a failure keeps the old model
         with v.lock:
             v.spec, v.session, v.own = spec, None, own
         gr.Info(f"Now using {spec.label}: press Step on the Generate tab.")
@@ -151,11 +153,15 @@ class ModelView:
                 heads = int(n_heads)
             except (TypeError, ValueError):
                 raise error(f"n_heads must be a whole number, got {n_heads!r}.") from None
-        s = self.ctx.settings
+        s, v = self.ctx.settings, self.ctx.visitor(request)
         progress(0, desc=f"Reading {path.name} …")
         try:
-            model = load_upload(path, n_heads=heads, device=self.ctx.device, dtype=DTYPES[self._dtype(dtype)],
-                                max_bytes=s.max_upload_bytes, max_model_bytes=s.max_model_bytes)
+            dtype = self._dtype(dtype)
+            with self.ctx.memory.room(self.upload_bytes(path, dtype), f"your file {path.name}", v,
+                                      functools.partial(drop_own, v)):
+                model = self.ctx.memory.track(load_upload(path, n_heads=heads, device=self.ctx.device,
+                                                          dtype=DTYPES[dtype], max_bytes=s.max_upload_bytes,
+                                                          max_model_bytes=s.max_model_bytes))
         except NeedsHeadsError as e:
             raise error(f"{path.name}: the number of attention heads cannot be read from the tensors (emb_dim "
                         f"{e.emb_dim} is no released GPT-2's width). Type the n_heads your model was built with, "
@@ -166,8 +172,18 @@ class ModelView:
             path.unlink(missing_ok=True)  # the upload is deleted once read (loaded or not)
         src = weights_source(model)
         name = f"{path.name}" + (f" (sha256 {src.sha256_prefix}…)" if src is not None and src.sha256 else "")
-        v = self.ctx.visitor(request)
         return self.use_own(v, ModelSpec(UPLOAD, model.cfg, dtype, name), model)
+
+    def upload_bytes(self, path: Path, dtype: str) -> int:
+        """What reading an upload may hold at its peak, within the memory budget: the file's tensors
+        (read whole from a .pth) and the model made from them in ``dtype`` (tensors of 2 or more
+        bytes each, so at most the file's size × ``dtype``'s size / 2). A bound: the model is counted
+        as it is once loaded. A missing file holds nothing (load_upload says so)."""
+        try:
+            size = min(path.lstat().st_size, self.ctx.settings.max_upload_bytes)
+        except OSError:
+            return 0
+        return size + size * max(2, DTYPES[dtype].itemsize) // 2
 
     def use_own(self, v: Visitor, spec: ModelSpec, model: Any) -> Switched:
         """The visitor's own model (an upload, or one trained on the Train tab) becomes theirs to explore;

@@ -24,16 +24,16 @@ and other model events build and serialise their figures inside their turn
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import inspect
-import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import gradio as gr
 import torch
@@ -46,6 +46,7 @@ from ..kernels import choose_kernels, set_cpu_kernel
 from ..model import GPTModel
 from ..settings import DTYPES, RANDOM, SEED, Settings
 from .components import rendered
+from .memory import MemoryBudget, drop_own, trim_heap
 from .turns import ReadAhead, StepBatcher, Turns
 
 __all__ = ["UPLOAD", "TRAINED", "OWN", "ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "StepBatcher", "AppContext", "build_model", "error"]
@@ -93,6 +94,12 @@ class ModelSpec:
             return estimated_bytes(self.source, DTYPES[self.dtype])
         return None
 
+    def peak_bytes(self) -> int:
+        """Bytes while it is made: random weights are initialised in float32, then converted."""
+        size = self.weight_bytes() or 0
+        return size + (estimated_bytes(self.cfg, torch.float32) if self.source == RANDOM and self.dtype != "float32"
+                       else 0)
+
     @classmethod
     def default(cls, settings: Settings) -> "ModelSpec":
         """The model every visitor starts with: ``GPTVIZ_WEIGHTS`` in ``GPTVIZ_DTYPE``."""
@@ -128,14 +135,18 @@ class ModelStore:
     A model is built once: concurrent requests for the same spec wait for the first build.
     Sessions hold a reference to their model, so dropping it here never breaks a visitor.
     The precision view's low-precision copies are kept here too (:meth:`low_precision`), at
-    most one per dtype and model, dropped with their model.
+    most one per dtype and model, dropped with their model. A dropped model that a session still
+    holds is handed out again, not built twice. ``room()``, given to :meth:`get` and
+    :meth:`low_precision`, is entered around a build or copy (the memory budget's reservation).
     """
 
-    def __init__(self, build: Callable[[ModelSpec], GPTModel], capacity: int = 3) -> None:
-        self.build, self.capacity = build, capacity
+    def __init__(self, build: Callable[[ModelSpec], GPTModel], capacity: int = 3,
+                 track: Callable[[GPTModel], GPTModel] = lambda m: m) -> None:
+        self.build, self.capacity, self.track = build, capacity, track
         self._lock = threading.Lock()
         self._models: OrderedDict[ModelSpec, Future] = OrderedDict()
         self._low: dict[tuple[ModelSpec, torch.dtype], Future] = {}
+        self._gone: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # dropped, still held somewhere
 
     def _once(self, table: dict, key: Any, make: Callable[[], GPTModel]) -> GPTModel:
         """``table[key]``: made by ``make()`` for the first caller; the others wait for it."""
@@ -153,21 +164,57 @@ class ModelStore:
                     table.pop(key, None)
         return future.result()
 
-    def get(self, spec: ModelSpec) -> GPTModel:
-        model = self._once(self._models, spec, lambda: self.build(spec))
+    def _build(self, spec: ModelSpec, room: Callable[[], ContextManager]) -> GPTModel:
+        alive = self._gone.get(spec)
+        if alive is not None:
+            return alive
+        with room():
+            return self.track(self.build(spec))
+
+    def get(self, spec: ModelSpec, room: Callable[[], ContextManager] = nullcontext) -> GPTModel:
+        model = self._once(self._models, spec, lambda: self._build(spec, room))
         with self._lock:
             if spec in self._models:
                 self._models.move_to_end(spec)
             while len(self._models) > self.capacity:
-                dropped, _ = self._models.popitem(last=False)
-                for key in [k for k in self._low if k[0] == dropped]:
-                    del self._low[key]
+                self._drop(next(iter(self._models)))
         return model
 
-    def low_precision(self, spec: ModelSpec, dtype: torch.dtype) -> GPTModel:
+    def _drop(self, spec: ModelSpec) -> None:
+        """Forget ``spec``'s model and its copies (with ``_lock`` held)."""
+        future = self._models.pop(spec)
+        if future.done() and future.exception() is None:
+            self._gone[spec] = future.result()
+        for key in [k for k in self._low if k[0] == spec]:
+            del self._low[key]
+
+    def drop(self, keep: set[ModelSpec]) -> None:
+        """Forget every built model whose spec is not in ``keep`` (the memory budget's room)."""
+        with self._lock:
+            for spec in [s for s, f in self._models.items() if s not in keep and f.done()]:
+                self._drop(spec)
+
+    def drop_copies(self) -> None:
+        with self._lock:
+            for key in [k for k, f in self._low.items() if f.done()]:
+                del self._low[key]
+
+    def built(self) -> dict[Any, GPTModel]:
+        """The models (by spec) and copies (by spec and dtype) built and kept here now."""
+        with self._lock:
+            futures = {**self._models, **self._low}
+        return {k: f.result() for k, f in futures.items() if f.done() and f.exception() is None}
+
+    def low_precision(self, spec: ModelSpec, dtype: torch.dtype,
+                      room: Callable[[], ContextManager] = nullcontext) -> GPTModel:
         """A ``dtype`` copy of the shared model of ``spec``, made once and dropped with the model."""
         model = self.get(spec)
-        low = self._once(self._low, (spec, dtype), lambda: low_precision_copy(model, dtype))
+
+        def copy() -> GPTModel:
+            with room():
+                return self.track(low_precision_copy(model, dtype))
+
+        low = self._once(self._low, (spec, dtype), copy)
         with self._lock:
             if spec not in self._models:  # the model was dropped meanwhile: so is its copy
                 self._low.pop((spec, dtype), None)
@@ -194,16 +241,7 @@ class Visitor:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one event at a time
     last_used: float = field(default_factory=time.monotonic)  # of its last event
     released: bool = False  # its session was dropped to make room for others (said at its next Step)
-
-
-_LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None
-
-
-def _trim_heap() -> None:
-    """Hand freed heap memory back to the system: glibc keeps it for reuse, so without
-    ``malloc_trim`` the process would stay at its peak size after sessions end."""
-    if hasattr(_LIBC, "malloc_trim"):  # glibc only
-        _LIBC.malloc_trim(0)
+    released_model: str | None = None  # what of its own the memory budget released (said at its next action)
 
 
 class Visitors:
@@ -236,7 +274,7 @@ class Visitors:
         for u in dropped:
             self._free(u)
         if dropped:
-            _trim_heap()
+            trim_heap()
         return v
 
     def release(self, session_id: str) -> None:
@@ -245,7 +283,7 @@ class Visitors:
             v = self._by_id.pop(session_id, None)
         if v is not None:
             self._free(v)
-        _trim_heap()
+        trim_heap()
 
     @staticmethod
     def _free(v: Visitor) -> None:
@@ -290,6 +328,10 @@ class Visitors:
         with self._lock:
             return len(self._by_id)
 
+    def snapshot(self) -> list[Visitor]:
+        with self._lock:
+            return list(self._by_id.values())
+
     def live_sessions(self) -> int:
         with self._lock:
             return sum(v.session is not None for v in self._by_id.values())
@@ -305,8 +347,10 @@ class AppContext:
         self.settings = settings or Settings.from_env()
         self.device = self.settings.torch_device
         self.default_spec = default_spec or ModelSpec.default(self.settings)
-        self.models = ModelStore(lambda spec: build_model(spec, self.device), self.settings.model_store_capacity)
         s = self.settings
+        self.memory = MemoryBudget(self, s.max_total_bytes)  # one budget for all (gptviz.ui.memory)
+        self.models = ModelStore(lambda spec: build_model(spec, self.device), s.model_store_capacity,
+                                 track=self.memory.track)
         set_cpu_kernel(s.cpu_kernel)  # NEW (speed): float32 products' kernel, per process (gptviz.kernels.linear)
         self.visitors = Visitors(self.default_spec, s.max_sessions, s.max_live_sessions, s.session_ttl_s)
         self.turn = Turns()  # one unit of model work at a time, steps first
@@ -318,21 +362,38 @@ class AppContext:
     def visitor(self, request: Any) -> Visitor:
         """The visitor of a Gradio request (``request.session_hash``; a test passes any object with one)."""
         session_id = getattr(request, "session_hash", None) or "anonymous"
-        return self.visitors.get(session_id)
+        v = self.visitors.get(session_id)
+        if v.released_model:
+            self.memory.tell(v)
+        return v
 
-    def model(self, v: Visitor) -> GPTModel:
+    def model(self, v: Visitor, asker: Visitor | None = None, replace: bool = True) -> GPTModel:
         """The visitor's model: its upload, or the shared model of its spec (built or loaded on first
-        use); a message if it cannot be had."""
+        use, within the memory budget); a message if it cannot be had. ``asker``: the visitor who
+        switches to ``v.spec`` (``v`` a stand-in), whose current model may make room if ``replace``."""
         if v.spec.source in OWN:
             if v.own is None:
                 again = "upload it again on the Model tab" if v.spec.source == UPLOAD else "train it again"
                 raise error(f"Your {'uploaded' if v.spec.source == UPLOAD else 'trained'} model was released (the "
                             f"tab was idle too long, or others' models needed the room): {again}.")
             return v.own
+        asker = asker or v
+        replaced = functools.partial(drop_own, asker) if asker is not v and replace else None
         try:
-            return self.models.get(v.spec)
+            return self.models.get(v.spec, lambda: self.memory.room(v.spec.peak_bytes(), v.spec.label, asker, replaced))
         except WeightsError as e:
             raise error(f"Could not load {v.spec.label}: {e}") from None
+
+    def low_precision(self, v: Visitor, dtype: torch.dtype) -> GPTModel:
+        """A ``dtype`` copy of the visitor's model, within the memory budget: of a shared model made
+        once (:meth:`ModelStore.low_precision`), of the visitor's own for this use."""
+        model = self.model(v)
+        room = functools.partial(self.memory.room, estimated_bytes(model.cfg, dtype),
+                                 f"a {str(dtype).removeprefix('torch.')} copy of {v.spec.label}", v)
+        if v.spec.source in OWN:
+            with room():
+                return self.memory.track(low_precision_copy(model, dtype))
+        return self.models.low_precision(v.spec, dtype, room)
 
     def preload(self) -> threading.Thread:
         """Build the start-up model in the background so the first Step does not wait for it."""

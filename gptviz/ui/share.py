@@ -78,7 +78,7 @@ class ShareView:
             gr.Warning(f"{spec.label} is larger than this app allows: the current model stays.")
             return
         try:
-            self.ctx.model(Visitor(spec))
+            self.ctx.model(Visitor(spec), asker=v, replace=False)  # on failure, the current model stays
         except gr.Error as e:
             gr.Warning(f"{e.message} The current model stays.")
             return
@@ -271,7 +271,7 @@ class ShareView:
             raise error("This lesson was made with a model this app cannot open (a custom checkpoint or another "
                         "seed).")
         v = self.ctx.visitor(request)
-        model = self.ctx.model(Visitor(spec))
+        model = self.ctx.model(Visitor(spec), asker=v)  # the lesson replaces the visitor's model
         yield skip(Opened)
         with v.lock:
             result = replay(lesson, model, top_k=self.ctx.settings.top_k, attn_window=self.ctx.settings.attn_window)

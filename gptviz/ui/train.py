@@ -16,6 +16,7 @@ line); memory is counted before it starts; a closed tab stops its training.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import tempfile
 import threading
@@ -37,6 +38,7 @@ from ..tokenizer import get_encoding
 from ..analysis.autograd import gradient_check
 from ..train import TRAIN_PRESETS, Trainer, TrainPreset, TrainStep, read_text, save_checkpoint, setup
 from .components import Plot, rendered
+from .memory import STATE_FACTOR, drop_own
 from .outputs import components
 from .serving import TRAINED, AppContext, ModelSpec, Turns, Visitor, error
 
@@ -47,9 +49,6 @@ CONFIG_CHOICES = [("one-minute: 4 blocks, 128 wide, 32 optimizer steps (1 to 4 m
                   ("the book's chapter 5: GPT_CONFIG_124M, context 256 (about 10 minutes)", "book-ch05"),
                   ("the Parameters tab's configuration", PARAMETERS)]
 LIMITS = dict(epochs=100, batch_size=64)
-#: Training memory as a multiple of the float32 weights: the weights, their gradients and AdamW's
-#: two moments (activations come on top: one batch's, counted from its shape).
-STATE_FACTOR = 4
 #: The weights whose derivative the autograd check compares (name, index): one of each kind.
 CHECKED_WEIGHTS = [("tok_emb.weight", (464, 0)), ("trf_blocks.0.att.W_query.weight", (0, 0)),
                    ("trf_blocks.0.ff.layers.0.weight", (1, 2)), ("final_norm.scale", (0,))]
@@ -187,7 +186,8 @@ class TrainView:
                        batch_size=_whole("batch size", batch, 1, LIMITS["batch_size"]), max_length=length,
                        stride=_whole("stride", stride, 1, length))
 
-    def check_memory(self, preset: TrainPreset) -> None:
+    def check_memory(self, preset: TrainPreset) -> int:
+        """The bytes a training of ``preset`` needs (within GPTVIZ_MAX_MODEL_BYTES, else a message)."""
         cfg, limit = preset.cfg, self.ctx.settings.max_model_bytes
         state = STATE_FACTOR * estimated_bytes(cfg, torch.float32)
         # one batch's activations, roughly: logits and their gradient, and per block a dozen (b, T, emb) tensors
@@ -198,6 +198,7 @@ class TrainView:
                         f"gradients and AdamW's two moments, {STATE_FACTOR}× the weights, plus one batch); this app "
                         f"allows {limit / 1e9:.2f} GB (GPTVIZ_MAX_MODEL_BYTES). Choose a smaller configuration or "
                         "batch.")
+        return state + acts
 
     # --------------------------------------------------------------- what the view shows
     def shown(self, run: TrainingRun, status: str) -> Trained:
@@ -224,13 +225,18 @@ class TrainView:
     def _new_run(self, v: Visitor, source: str, text: Any, file: Any, choice: str, fields: list[Any],
                  *numbers: Any) -> TrainingRun:
         preset = self.preset(choice, fields, *numbers)
-        self.check_memory(preset)
+        need = self.check_memory(preset)
         body, what_text = self.text(source, text, file)
+
+        def replaced() -> None:  # the visitor's stopped or finished training (v.lock is held: start())
+            v.training = None
+
         try:
-            model, train_loader, val_loader = setup(preset, body)
-            trainer = Trainer(model, train_loader, val_loader, lr=preset.lr, weight_decay=preset.weight_decay,
-                              device=self.ctx.device, num_epochs=preset.num_epochs, eval_freq=preset.eval_freq,
-                              eval_iter=preset.eval_iter, start_context=preset.start_context)
+            with self.ctx.memory.room(need, f"training {preset.name}", v, replaced if v.training else None):
+                model, train_loader, val_loader = setup(preset, body)
+                trainer = Trainer(model, train_loader, val_loader, lr=preset.lr, weight_decay=preset.weight_decay,
+                                  device=self.ctx.device, num_epochs=preset.num_epochs, eval_freq=preset.eval_freq,
+                                  eval_iter=preset.eval_iter, start_context=preset.start_context)
         except ValueError as e:
             raise error(f"Cannot train on {what_text}: {e}.") from None
         per_epoch = len(train_loader) * preset.batch_size * preset.max_length
@@ -311,8 +317,9 @@ class TrainView:
     def trained_model(self, request: gr.Request) -> tuple[Visitor, ModelSpec, Any]:
         """The visitor's trained model as an eval-mode copy (training may go on) and its spec."""
         v, run = self._finished(request)
-        with self.ctx.turn.turn(Turns.STEP):  # between two optimizer steps
-            model = copy.deepcopy(run.trainer.model).eval()
+        with self.ctx.memory.room(estimated_bytes(run.preset.cfg, torch.float32), "a copy of your trained model", v,
+                                  functools.partial(drop_own, v)), self.ctx.turn.turn(Turns.STEP):  # between two steps
+            model = self.ctx.memory.track(copy.deepcopy(run.trainer.model).eval())
             loss = run.trainer.val_losses[-1] if run.trainer.val_losses else None
         name = f"{run.what}, {run.last.step + 1} steps" + (f", val loss {loss:.2f}" if loss is not None else "")
         return v, ModelSpec(TRAINED, model.cfg, "float32", name), model
