@@ -40,15 +40,16 @@ import torch
 
 from ..analysis.inside import low_precision_copy
 from ..config import PRESETS, GPTConfig
-from ..files.weights import WeightsError, WeightsSource, estimated_bytes, is_allowed_name, load_pretrained
+from ..files.shipped import SHIPPED_NAME, load_shipped, shipped_config
+from ..files.weights import WeightsError, WeightsSource, estimated_bytes, hub_answers, is_allowed_name, load_pretrained
 from ..generation.session import GenerationSession
 from ..kernels import choose_kernels, set_cpu_kernel
 from ..model import GPTModel
-from ..settings import DTYPES, RANDOM, SEED, Settings
+from ..settings import DTYPES, GPT2_OR_SHIPPED, RANDOM, SEED, SHIPPED, Settings
 from .components import rendered
 from .turns import ReadAhead, StepBatcher, Turns
 
-__all__ = ["UPLOAD", "TRAINED", "OWN", "ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "StepBatcher", "AppContext", "build_model", "error"]
+__all__ = ["UPLOAD", "TRAINED", "OWN", "ModelSpec", "start_model", "ModelStore", "Visitor", "Visitors", "Turns", "StepBatcher", "AppContext", "build_model", "error"]
 
 
 def error(message: str) -> gr.Error:
@@ -63,7 +64,7 @@ def error(message: str) -> gr.Error:
 class ModelSpec:
     """What a shared model is made from; the key of the :class:`ModelStore`."""
 
-    source: str  # RANDOM, an allowed name, UPLOAD, TRAINED, or an operator's checkpoint path / repo id
+    source: str  # RANDOM, SHIPPED, an allowed name, UPLOAD, TRAINED, or an operator's checkpoint path / repo id
     cfg: GPTConfig | None = None  # the configuration of random weights (and of an upload)
     dtype: str = "float32"
     name: str = ""  # an upload: its file name and sha256 prefix
@@ -79,6 +80,8 @@ class ModelSpec:
             return f"random weights (seed {SEED}), {self.preset or 'custom configuration'}, {self.dtype}"
         if is_allowed_name(self.source):
             return f"{self.source}, {self.dtype}"
+        if self.source == SHIPPED:
+            return f"{SHIPPED_NAME} (trained here, offline), {self.dtype}"
         if self.source == UPLOAD:
             return f"your file {self.name}, {self.dtype}"
         if self.source == TRAINED:
@@ -91,14 +94,30 @@ class ModelSpec:
             return estimated_bytes(self.cfg, DTYPES[self.dtype])
         if is_allowed_name(self.source):
             return estimated_bytes(self.source, DTYPES[self.dtype])
+        if self.source == SHIPPED and (cfg := shipped_config()) is not None:  # None: its file is missing
+            return estimated_bytes(cfg, DTYPES[self.dtype])
         return None
 
     @classmethod
-    def default(cls, settings: Settings) -> "ModelSpec":
-        """The model every visitor starts with: ``GPTVIZ_WEIGHTS`` in ``GPTVIZ_DTYPE``."""
-        if settings.weights == RANDOM:
-            return cls(RANDOM, PRESETS["seed-124M"], settings.dtype)
-        return cls(settings.weights, None, settings.dtype)
+    def default(cls, settings: Settings, hub: Callable[[], tuple[bool, str]] = hub_answers) -> "ModelSpec":
+        """The model every visitor starts with: ``GPTVIZ_WEIGHTS`` in ``GPTVIZ_DTYPE`` (:func:`start_model`)."""
+        return start_model(settings, hub)[0]
+
+
+def start_model(settings: Settings, hub: Callable[[], tuple[bool, str]] = hub_answers) -> tuple[ModelSpec, str]:
+    """The start-up model and a line saying why, for the Model view ("" when the operator chose it).
+    ``random`` (the default locally and in CI): the source's seeded model. ``gpt2-or-shipped`` (a
+    Space's default): ``gpt2`` when ``hub()`` says its files can be had, else the shipped model."""
+    if settings.weights == RANDOM:
+        return ModelSpec(RANDOM, PRESETS["seed-124M"], settings.dtype), ""
+    if settings.weights != GPT2_OR_SHIPPED:
+        return ModelSpec(settings.weights, None, settings.dtype), ""
+    answered, why = hub()
+    if answered:
+        return ModelSpec("gpt2", None, settings.dtype), f"This app started on **gpt2**: {why}."
+    return ModelSpec(SHIPPED, None, settings.dtype), (
+        f"This app started on **{SHIPPED_NAME}**, the model trained here and shipped with the app, because {why} "
+        "when it started, so gpt2 could not be downloaded.")
 
 
 UPLOAD = "upload"  # a visitor's own checkpoint: held by that visitor, never in the shared store
@@ -110,7 +129,9 @@ _SEED_LOCK = threading.Lock()  # seeding and initialising a random model is one 
 def build_model(spec: ModelSpec, device: torch.device) -> GPTModel:
     """Make the model a spec describes, on ``device``, in eval mode."""
     dtype = DTYPES[spec.dtype]
-    if spec.source != RANDOM:
+    if spec.source == SHIPPED:  # assets/models/: no network
+        model = load_shipped(device=device, dtype=dtype)
+    elif spec.source != RANDOM:
         model = load_pretrained(spec.source, device=device, dtype=dtype)
     else:
         with _SEED_LOCK, torch.random.fork_rng(devices=[]):  # seeded init, without disturbing anyone's RNG
@@ -301,10 +322,12 @@ class Visitors:
 class AppContext:
     """Everything the views share: settings, models, visitors and the model's turns."""
 
-    def __init__(self, settings: Settings | None = None, default_spec: ModelSpec | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, default_spec: ModelSpec | None = None,
+                 hub: Callable[[], tuple[bool, str]] = hub_answers) -> None:
         self.settings = settings or Settings.from_env()
         self.device = self.settings.torch_device
-        self.default_spec = default_spec or ModelSpec.default(self.settings)
+        # the start-up model, and why (the Model view says it); hub() is asked only for gpt2-or-shipped
+        self.default_spec, self.default_note = (default_spec, "") if default_spec else start_model(self.settings, hub)
         self.models = ModelStore(lambda spec: build_model(spec, self.device), self.settings.model_store_capacity)
         s = self.settings
         set_cpu_kernel(s.cpu_kernel)  # NEW (speed): float32 products' kernel, per process (gptviz.kernels.linear)
