@@ -208,7 +208,13 @@ def switch_model(page: "Page", model: str) -> None:
     page.click("#load-btn")
     page.wait_for_function(f"() => !!({_has_text('model-card', MODEL_LABELS[model])} && "
                            f"{_has_text('model-card', 'loaded')})", timeout=TIMEOUT_MS)
-    page.wait_for_selector(".toast-body", state="detached", timeout=TIMEOUT_MS)  # "Now using …" gone
+    try:  # the "Now using …" message: wait for it, close it, wait until it is gone
+        page.wait_for_selector(".toast-body", timeout=5_000)
+    except Exception:  # Playwright's TimeoutError: no message came
+        return
+    for button in page.locator(".toast-close").all():
+        button.click()
+    page.wait_for_selector(".toast-body", state="detached", timeout=TIMEOUT_MS)
 
 
 def _choice_label(model: str) -> str:
