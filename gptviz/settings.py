@@ -5,7 +5,7 @@ Nothing else in gptviz reads the environment for its behaviour: the app builds o
 
 | variable | default | meaning |
 |---|---|---|
-| ``GPTVIZ_WEIGHTS`` | ``random`` | the model every visitor starts with: ``random`` (the source's seed-124M configuration, seed 123), an allowed name (``gpt2`` …, ``distilgpt2``, ``book:gpt2-small-124M`` …), or, for operators, ``hf:owner/name[@revision]`` or a local checkpoint |
+| ``GPTVIZ_WEIGHTS`` | ``random``; on a Space ``gpt2-or-shipped`` | the model every visitor starts with: ``random`` (the source's seed-124M configuration, seed 123), ``shipped`` (the model trained here, in ``assets/models/``, offline), ``gpt2-or-shipped`` (``gpt2`` when the Hugging Face Hub answers at start, else ``shipped``), an allowed name (``gpt2`` …, ``distilgpt2``, ``book:gpt2-small-124M`` …), or, for operators, ``hf:owner/name[@revision]`` or a local checkpoint |
 | ``GPTVIZ_DTYPE`` | ``float32`` | dtype of that model: ``float32``, ``bfloat16`` or ``float16`` |
 | ``GPTVIZ_DEVICE`` | best available | ``cpu``, ``cuda``, ``mps`` … |
 | ``GPTVIZ_MAX_MODEL_BYTES`` | 4 GB | weights a visitor may build or load |
@@ -29,9 +29,11 @@ import torch
 
 from .kernels import KERNEL_POLICIES
 
-__all__ = ["Settings", "select_device", "DTYPES", "RANDOM", "SEED"]
+__all__ = ["Settings", "select_device", "DTYPES", "RANDOM", "SHIPPED", "GPT2_OR_SHIPPED", "SEED"]
 
 RANDOM = "random"  # GPTVIZ_WEIGHTS: random weights, seeded as in the source
+SHIPPED = "shipped"  # GPTVIZ_WEIGHTS: the model trained here and shipped in assets/models/ (offline)
+GPT2_OR_SHIPPED = "gpt2-or-shipped"  # a Space's default: gpt2 when the Hub answers at start, else SHIPPED
 SEED = 123  # torch.manual_seed(123) before GPTModel(cfg), as in the source
 #: The dtypes a model may run in, by the name the UI and the API use.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -131,7 +133,7 @@ class Settings:
         on_space = bool(env.get("SPACE_ID"))
         upload = _flag(env.get("GPTVIZ_ALLOW_UPLOAD"))
         return cls(
-            weights=env.get("GPTVIZ_WEIGHTS", "").strip() or RANDOM,
+            weights=env.get("GPTVIZ_WEIGHTS", "").strip() or (GPT2_OR_SHIPPED if on_space else RANDOM),
             dtype=env.get("GPTVIZ_DTYPE", "").strip() or "float32",
             device=env.get("GPTVIZ_DEVICE", "").strip(),
             max_model_bytes=_bytes(env.get("GPTVIZ_MAX_MODEL_BYTES"), cls.max_model_bytes),

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from gptviz import GPTConfig, GPTModel, encode, get_encoding
 from gptviz.files.weights import PRETRAINED_NAMES, WeightsError
 from gptviz.generation.session import DEFAULT_MAX_RETAINED_BYTES
-from gptviz.settings import RANDOM, Settings
+from gptviz.settings import RANDOM, SHIPPED, Settings
 from gptviz.ui import LAUNCH_KWARGS, serving
 from gptviz.ui.generate import GenerateView
 from gptviz.ui.inside import InsideView
@@ -301,7 +301,7 @@ def test_weights_selector_refuses_everything_but_the_allow_list(name, no_loading
 @FUZZ
 @given(name=st.text(max_size=40))
 def test_weights_selector_fuzzed(no_loading, name):
-    if name in PRETRAINED_NAMES or name == RANDOM:
+    if name in PRETRAINED_NAMES or name in (RANDOM, SHIPPED):
         return
     with pytest.raises(gr.Error, match="Unknown weights"):
         ModelView(no_loading).load_weights(name, "float32", request=new_visitor())
@@ -325,7 +325,7 @@ def test_a_path_comes_only_from_the_operator():
     operator = Settings.from_env({"GPTVIZ_WEIGHTS": "/srv/ckpt"})
     assert ModelSpec.default(operator).source == "/srv/ckpt"  # the operator's variable is the one way to a path
     assert "/srv" not in ModelSpec("/srv/ckpt").label
-    assert all(value in (RANDOM, *PRETRAINED_NAMES) for _, value in WEIGHT_CHOICES)
+    assert all(value in (RANDOM, SHIPPED, *PRETRAINED_NAMES) for _, value in WEIGHT_CHOICES)  # SHIPPED: assets/models/
 
 
 def test_no_share_link_and_a_pinned_gradio():

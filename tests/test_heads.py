@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from gptviz import GPTConfig, GPTModel, Trace
 from gptviz.analysis import heads as heads_module
-from gptviz.analysis.heads import ROLES, cached_head_roles, head_roles, probe_ids, role_scores, session_value_weighted, strongest_role, value_norms, value_weighted
+from gptviz.analysis.heads import ROLES, cached_head_roles, head_roles, known_head_roles, probe_ids, role_scores, session_value_weighted, strongest_role, text_probe_ids, value_norms, value_weighted
 from gptviz.generation.session import GenerationSession
 from gptviz.tokenizer import ENDOFTEXT_ID
 
@@ -201,6 +201,40 @@ def test_head_roles_equals_scoring_a_plain_trace(planted):
     for role in ROLES:
         torch.testing.assert_close(torch.tensor(df[role].to_numpy(), dtype=torch.float32).view(2, 4), scores[role],
                                    **MEAN_TOL)
+
+
+def test_text_probe_ids_repeat_stretches_of_the_text():
+    ids = list(range(100, 171))  # 71 tokens
+    probe = text_probe_ids(ids, 20, n_probes=3)
+    assert probe.shape == (3, 40) and probe.dtype == torch.long
+    assert probe[1].tolist() == ids[20:40] * 2  # row r: tokens r*R … (r+1)*R - 1, then again
+    assert text_probe_ids(ids, 30, n_probes=5).shape == (2, 60)  # as many rows as the text holds
+    with pytest.raises(ValueError, match="at least probe_len = 80"):
+        text_probe_ids(ids, 80)
+    with pytest.raises(ValueError, match="at least 2"):
+        text_probe_ids(ids, 1)
+
+
+def test_head_roles_on_a_text_probe(planted, enc):
+    """The planted previous-token head keeps its role on text (it reads positions only); the table
+    equals the scores of the text probe's recorded attention, and is cached apart from the random one."""
+    text = enc.encode("It was the best of times, it was the worst of times, it was the age of wisdom, it was "
+                      "the age of foolishness, it was the epoch of belief, it was the epoch of incredulity.")
+    df = head_roles(planted, probe_len=12, text_ids=text)
+    assert df.attrs["probe"] == "text" and df.attrs["n_probes"] == 2
+    trace = Trace(("attn_weights",))
+    with torch.no_grad():
+        planted(text_probe_ids(text, 12), trace=trace)
+    attn = torch.stack([a.mean(0) for a in trace.attentions])
+    scores = role_scores(attn, repeat_len=12)
+    for role in ROLES:
+        torch.testing.assert_close(torch.tensor(df[role].to_numpy(), dtype=torch.float32).view(2, 4), scores[role],
+                                   **MEAN_TOL)
+    assert df.loc[(df["layer"] == 0) & (df["head"] == 2), "previous_token"].item() > 0.9
+    assert not df.equals(head_roles(planted, probe_len=12))  # the random probe is another table
+    cached = cached_head_roles(planted, probe_len=12, text_ids=text)
+    assert cached.equals(df) and known_head_roles(planted, probe_len=12, text_ids=text).equals(df)
+    assert known_head_roles(planted, probe_len=12) is None  # the random probe was not cached
 
 
 def test_head_roles_checks(tiny_model, tiny_cfg):

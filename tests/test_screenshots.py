@@ -3,13 +3,15 @@ real shot in Debian's chromium (the whole set is made by `python -m gptviz.tools
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from gptviz.settings import Settings
+from gptviz.files.shipped import shipped_config, shipped_figures
+from gptviz.settings import SHIPPED, Settings
 from gptviz.tools import screenshots
 from gptviz.tools.screenshots import SHOTS, Shot, make_screenshots, parse_args
 from gptviz.ui import build_demo
@@ -41,6 +43,18 @@ def test_shots_cover_every_tab_and_the_views_the_readme_tours(page_parts):
             "model", "inside-shapes", "inside-ablation", "inside-precision", "inside-kv-cache"} <= set(names)
 
 
+def test_the_shots_of_learned_behaviour_show_the_shipped_model():
+    models = {s.name: s.model for s in SHOTS}
+    learned = {"generate", "attention", "heads-grid", "logit-lens", "why", "head-roles", "sampling"}
+    assert {models[n] for n in learned} == {SHIPPED}
+    assert all(models[n] is None for n in ("tokenizer", "parameters", "parameters-table", "parameters-custom", "train"))
+    assert set(models.values()) <= {None, *screenshots.MODEL_LABELS}
+    cfg = shipped_config()  # the attention shots' head is one the shipped model has
+    assert screenshots.LAYER < cfg.n_layers and screenshots.HEAD < cfg.n_heads
+    best = shipped_figures()["atlas"]["verdict"]["best"]["previous_token"]
+    assert (screenshots.LAYER, screenshots.HEAD) == (best["layer"], best["head"])
+
+
 def test_every_element_a_shot_names_exists(page_parts):
     elem_ids, _ = page_parts
     for shot in SHOTS:
@@ -61,7 +75,8 @@ def test_one_real_shot_and_a_loud_failure(tmp_path, monkeypatch):
     bad = Shot("bad", "Tokenizer", whole=["#model-card"])
     with pytest.raises(RuntimeError, match="'bad': #model-card is not entirely in the picture"):
         make_screenshots(tmp_path, shots=[SHOTS[0], bad])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{SHOTS[0].name}.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shots.json", f"{SHOTS[0].name}.png"]
+    assert json.loads((tmp_path / "shots.json").read_text()) == {SHOTS[0].name: {"tab": "Tokenizer", "model": None}}
     image = Image.open(tmp_path / f"{SHOTS[0].name}.png")
     assert image.format == "PNG" and image.size == (1280, 800)
     assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 500  # text, chips, table: not a blank page

@@ -10,8 +10,9 @@ import pytest
 
 from gptviz.analysis.heads import ROLES, cached_head_roles, head_roles, strongest_role
 from gptviz.plots.heads import ROLE_LABELS
+from gptviz.tokenizer import get_encoding
 from gptviz.ui import LAUNCH_KWARGS
-from gptviz.ui.atlas import ATLAS_JS, Atlas, AtlasView, Jump, known_head_roles, role_note
+from gptviz.ui.atlas import ATLAS_JS, Atlas, AtlasView, Jump, _top_line, known_head_roles, role_note, verdict_probe_ids
 from gptviz.ui.generate import GenerateView
 
 from .conftest import seeded, visit
@@ -65,6 +66,34 @@ def test_role_switch_changes_the_scores(atlas, a, tiny_cfg):
     for role, z in (("first_token", first), ("induction", induction)):
         want = expected.pivot(index="layer", columns="head", values=role).to_numpy()
         np.testing.assert_allclose(z, want, atol=1e-4)
+
+
+def test_the_verdict_probe_measures_on_text(ctx, atlas, a, tiny_cfg):
+    out = atlas.head_roles("previous_token", a, "verdict")
+    text = verdict_probe_ids()
+    assert len(text) == 256 and get_encoding().decode(list(text)).startswith("I HAD always thought Jack Gisburn")
+    expected = head_roles(seeded(tiny_cfg), text_ids=text)  # measured here, on an identical model
+    z = z_of(out.atlas)
+    for row in expected.itertuples():
+        assert z[row.layer, row.head] == pytest.approx(row.previous_token, abs=1e-4)
+    assert "The Verdict" in out.atlas.layout.title.text and "on The Verdict, repeated" in out.atlas_top
+    assert not np.allclose(z, z_of(atlas.head_roles("previous_token", a).atlas))  # random tokens: another table
+    with pytest.raises(gr.Error, match="Unknown probe 'wiki'"):
+        atlas.head_roles("previous_token", a, "wiki")
+
+
+def test_the_line_under_the_atlas_says_when_no_head_has_the_role():
+    import pandas as pd
+
+    df = pd.DataFrame([dict(layer=0, head=h, previous_token=p, first_token=0.2, induction=0.0, duplicate_token=0.0,
+                            self=0.1) for h, p in enumerate((0.05, 0.3))])
+    random = _top_line(df, "previous_token", "random weights", random_weights=True)
+    assert "block 0 · head 1 (0.30)" in random and "random weights have no roles yet" in random
+    trained = _top_line(df, "previous_token", "a trained model")
+    assert "No head reaches 0.4 on this probe" in trained and "try the probe on The Verdict" in trained
+    assert "on this text either" in _top_line(df, "previous_token", "a trained model", probe="verdict")
+    df.loc[1, "previous_token"] = 0.8
+    assert "No head" not in _top_line(df, "previous_token", "a trained model")
 
 
 def test_bad_role_names_the_choices(atlas, a):

@@ -1,7 +1,7 @@
 """Head-role atlas: what each attention head does, measured on probes the model reads.
 
-:func:`head_roles` builds its own probe inputs (random token ids, no data set, no network),
-runs the model once over them with a :class:`~gptviz.trace.Trace` of the attention weights, and
+:func:`head_roles` builds its own probe inputs (random token ids, no data set, no network; or,
+with ``text_ids``, stretches of a real text, :func:`text_probe_ids`), runs the model once over them with a :class:`~gptviz.trace.Trace` of the attention weights, and
 scores every head ``(layer, head)`` for five well-known roles (:data:`ROLES`), each a number in
 [0, 1]: the mean attention weight the head puts on the key that role predicts.
 :func:`role_scores` is the scoring alone, on attention tensors (so synthetic patterns can be
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import pandas as pd
 import torch
@@ -34,6 +34,7 @@ __all__ = [
     "ROLES",
     "role_scores",
     "probe_ids",
+    "text_probe_ids",
     "head_roles",
     "strongest_role",
     "cached_head_roles",
@@ -114,6 +115,21 @@ def probe_ids(vocab_size: int, probe_len: int, n_probes: int = DEFAULT_N_PROBES,
     return torch.cat([rows, rows], dim=1)  # (n, 2R)
 
 
+def text_probe_ids(text_ids: Sequence[int], probe_len: int, n_probes: int = DEFAULT_N_PROBES) -> torch.Tensor:
+    """A probe from a real text: ``(n_probes, 2 * probe_len)``, row ``r`` the text's tokens
+    ``r * probe_len … (r + 1) * probe_len - 1`` followed by the same tokens again (fewer rows when
+    the text is shorter; at least one). Unlike :func:`probe_ids` a token may occur twice in a row's
+    first half, so induction and duplicate-token scores count only the exact earlier position."""
+    ids = list(text_ids)
+    if probe_len < 2:
+        raise ValueError(f"probe_len must be at least 2, got {probe_len}")
+    rows = min(n_probes, len(ids) // probe_len)
+    if rows < 1:
+        raise ValueError(f"the text has {len(ids)} tokens: a text probe needs at least probe_len = {probe_len}")
+    first = torch.tensor(ids[: rows * probe_len], dtype=torch.long).view(rows, probe_len)  # (rows, R)
+    return torch.cat([first, first], dim=1)  # (rows, 2R)
+
+
 class _RoleTrace(Trace):
     """Scores each layer's attention as it is recorded, keeping only ``(n_heads,)`` per role
     (all layers' attention of gpt2-xl on the default probe would be ~300 MB)."""
@@ -134,6 +150,7 @@ def head_roles(
     probe_len: int | None = None,
     seed: int = 0,
     n_probes: int = DEFAULT_N_PROBES,
+    text_ids: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Role scores of every attention head, from the model's own attention on a probe.
 
@@ -143,7 +160,9 @@ def head_roles(
     attention of each layer is averaged over the rows and scored with
     :func:`role_scores` (``repeat_len = probe_len``): previous_token, first_token and self
     over positions 1 … T-1, induction and duplicate_token over the second copy. Random ids make
-    the scores about position and repetition, not meaning.
+    the scores about position and repetition, not meaning. With ``text_ids`` (token ids of a real
+    text) the probe is :func:`text_probe_ids` instead (``seed`` unused): a model trained on a
+    small corpus may never have seen most random ids, and a text shows what it does on text.
 
     Returns one row per (layer, head), ordered by layer then head: columns ``layer``,
     ``head`` and one per role in :data:`ROLES`, each in [0, 1]. ``df.attrs`` records the
@@ -157,7 +176,11 @@ def head_roles(
         probe_len = min(DEFAULT_PROBE_LEN, cfg.context_length // 2)
     if 2 * probe_len > cfg.context_length:
         raise ValueError(f"the probe (2 × probe_len = {2 * probe_len}) must fit context_length={cfg.context_length}")
-    ids = probe_ids(cfg.vocab_size, probe_len, n_probes, seed).to(model.device)  # (n_probes, T)
+    if text_ids is None:
+        ids = probe_ids(cfg.vocab_size, probe_len, n_probes, seed)  # (n_probes, T)
+    else:
+        ids = text_probe_ids(text_ids, probe_len, n_probes)  # (rows, T)
+    ids = ids.to(model.device)
     trace = _RoleTrace(probe_len)
     with torch.inference_mode():
         model(ids, trace=trace, last_only=True, head=False)  # only the trace is wanted
@@ -167,7 +190,7 @@ def head_roles(
         for head in range(cfg.n_heads):
             rows.append({"layer": layer, "head": head, **{r: float(scores[r][head]) for r in ROLES}})
     df = pd.DataFrame(rows, columns=["layer", "head", *ROLES])
-    df.attrs.update(probe_len=probe_len, n_probes=n_probes, seed=seed)
+    df.attrs.update(probe_len=probe_len, n_probes=int(ids.shape[0]), seed=seed, probe="random" if text_ids is None else "text")
     return df
 
 
@@ -192,7 +215,8 @@ _GUARD = threading.Lock()
 
 
 def cached_head_roles(
-    model: GPTModel, probe_len: int | None = None, seed: int = 0, n_probes: int = DEFAULT_N_PROBES
+    model: GPTModel, probe_len: int | None = None, seed: int = 0, n_probes: int = DEFAULT_N_PROBES,
+    text_ids: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """:func:`head_roles`, computed once per model (and arguments) on first use and kept while
     the model lives (a ``WeakKeyDictionary`` on the model object: a freed model frees its table).
@@ -202,13 +226,13 @@ def cached_head_roles(
     its table does not change what others get. The model's weights must not change afterwards
     (shared models are read-only).
     """
-    key = (probe_len, seed, n_probes)
+    key = (probe_len, seed, n_probes, None if text_ids is None else tuple(text_ids))
     with _GUARD:
         lock = _LOCKS.setdefault(model, threading.Lock())
     with lock:
         tables = _CACHE.get(model)
         if tables is None or key not in tables:
-            df = head_roles(model, probe_len=probe_len, seed=seed, n_probes=n_probes)
+            df = head_roles(model, probe_len=probe_len, seed=seed, n_probes=n_probes, text_ids=text_ids)
             with _GUARD:
                 _CACHE.setdefault(model, {})[key] = df
         table = _CACHE[model][key]
@@ -218,13 +242,15 @@ def cached_head_roles(
 
 
 def known_head_roles(
-    model: GPTModel, probe_len: int | None = None, seed: int = 0, n_probes: int = DEFAULT_N_PROBES
+    model: GPTModel, probe_len: int | None = None, seed: int = 0, n_probes: int = DEFAULT_N_PROBES,
+    text_ids: Sequence[int] | None = None,
 ) -> pd.DataFrame | None:
     """The table :func:`cached_head_roles` keeps for ``model`` (same arguments) if it was already
     measured, else None: never measures. Shared: do not edit it."""
     with _GUARD:
         tables = _CACHE.get(model)
-        return None if tables is None else tables.get((probe_len, seed, n_probes))
+        key = (probe_len, seed, n_probes, None if text_ids is None else tuple(text_ids))
+        return None if tables is None else tables.get(key)
 
 
 # --- value-weighted attention

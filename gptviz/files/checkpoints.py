@@ -19,7 +19,8 @@ GPT-2 stores its projections as ``Conv1D`` with weight shape ``(in, out)``, the 
 persistent buffer, so its state dicts carry ``trf_blocks.{i}.att.mask``: checked (ones strictly
 above the diagonal) and dropped. ``.pth`` files are read with ``torch.load(weights_only=True)``,
 PyTorch's restricted unpickler: a file whose pickle asks for anything beyond tensors is refused
-and nothing in it runs.
+and nothing in it runs. An int8 matrix with ``<name>_scale`` (one float per row) beside it is
+dequantised to float32 as it is read (:func:`dequantize_rows`; the shipped model's embedding).
 
 :mod:`gptviz.files.weights` re-exports :func:`load_upload`; where files come from (names, the Hub,
 local paths) is there.
@@ -47,10 +48,11 @@ from ..model import GPTModel, MultiHeadAttention
 from ..settings import Settings, select_device
 from .checkpoint_config import CheckpointError, TooLargeError, WeightsError, WeightsSource, _check_memory, _Labelled, config_from_hf, config_from_hf_shapes, config_from_state_dict
 
-__all__ = ["load_upload"]
+__all__ = ["load_upload", "dequantize_rows", "SCALE_SUFFIX"]
 
 _PTH_SUFFIXES = (".pth", ".pt")  # read with torch.load(weights_only=True)
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pkl")  # refused unread
+SCALE_SUFFIX = "_scale"  # "<name>_scale" beside an int8 "<name>": its per-row scales (dequantize_rows)
 
 
 # --------------------------------------------------------------------------- checkpoint layout
@@ -233,15 +235,40 @@ def _from_book_state(
     return _build(cfg, params, device)
 
 
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An int8 matrix ``(rows, cols)`` and its per-row ``scale`` ``(rows,)`` back to float32: ``q * scale``."""
+    return q.to(torch.float32) * scale.to(torch.float32).unsqueeze(-1)
+
+
+def _scales(f: Any, shapes: dict[str, tuple[int, ...]], label: str) -> dict[str, str]:
+    """int8 tensors that carry a per-row scale ``<name>_scale`` beside them (the shipped model's embedding,
+    :mod:`gptviz.files.shipped`): tensor name → its scale's name; the scales leave ``shapes``."""
+    found = {}
+    for key in [k for k in shapes if k + SCALE_SUFFIX in shapes]:
+        scale = key + SCALE_SUFFIX
+        if f.get_slice(key).get_dtype() != "I8" or len(shapes[key]) != 2 or shapes[scale] != shapes[key][:1]:
+            raise CheckpointError(f"{label}: {scale} must be one scale per row of an int8 matrix {key} "
+                                  f"(got {key} {f.get_slice(key).get_dtype()} {shapes[key]}, {scale} {shapes[scale]})")
+        found[key] = scale
+    for scale in found.values():
+        del shapes[scale]
+    return found
+
+
 def _from_hf_file(
     f: Any, cfg: GPTConfig, label: str, device: torch.device, dtype: torch.dtype
 ) -> GPTModel:
-    """A GPTModel from an open safetensors file in Hugging Face GPT-2 layout."""
+    """A GPTModel from an open safetensors file in Hugging Face GPT-2 layout (8-bit rows dequantised)."""
+    shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     with _Labelled(label):
-        names = _check_layout({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, cfg)
+        scales = _scales(f, shapes, label)
+        names = _check_layout(shapes, cfg)
 
     def get(name: str) -> torch.Tensor:
-        return f.get_tensor(names[name]).to(device=device, dtype=dtype)
+        key = names[name]
+        if key in scales:  # dequantised to float32 first, then the dtype asked for
+            return dequantize_rows(f.get_tensor(key), f.get_tensor(scales[key])).to(device=device, dtype=dtype)
+        return f.get_tensor(key).to(device=device, dtype=dtype)
 
     state = _seed_state(get, cfg)
     if "lm_head.weight" in names and not torch.equal(get("lm_head.weight"), state["tok_emb.weight"]):

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import hf_hub_download
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.utils import silent_tqdm
 
 from ..config import PRESETS, GPTConfig
@@ -74,6 +74,7 @@ __all__ = [
     "NeedsHeadsError",
     "TooLargeError",
     "is_allowed_name",
+    "hub_answers",
     "hub_repo_id",
     "pretrained_info",
     "pretrained_config",
@@ -228,6 +229,21 @@ def _download(
             f"could not download {what} ({repo_id}) from the Hugging Face Hub (offline?) — "
             f"cached copies are used when present: {type(e).__name__}: {e}"
         ) from e
+
+
+def hub_answers(name: str = "gpt2", timeout: float = 5.0) -> tuple[bool, str]:
+    """Can the files of allowed name ``name`` be had now: (True, why) when huggingface_hub's cache holds
+    them or the Hub answers a request for their metadata within ``timeout`` seconds, else (False, why).
+    Downloads nothing; offline (``HF_HUB_OFFLINE=1``) only the cache counts."""
+    info = pretrained_info(name)
+    files = (CONFIG_FILE, WEIGHTS_FILE) if info.layout == "hf" else (info.filename,)
+    if all(isinstance(try_to_load_from_cache(info.repo_id, f), str) for f in files):
+        return True, "its files are in the local Hugging Face cache"
+    try:
+        get_hf_file_metadata(hf_hub_url(info.repo_id, files[-1]), timeout=timeout)
+    except Exception as e:  # offline mode, no network, a timeout, an HTTP error: each means "not now"
+        return False, f"the Hugging Face Hub did not answer ({type(e).__name__})"
+    return True, "the Hugging Face Hub answered"
 
 
 def _revision(path: Path) -> str | None:

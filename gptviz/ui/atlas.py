@@ -1,10 +1,10 @@
 """The head-role atlas, in the Generate tab: what each attention head of the visitor's model does.
 
-Opening the accordion measures every head once per shared model (:func:`gptviz.analysis.heads.cached_head_roles`:
-one forward pass over a probe of random tokens repeated twice) and draws a layers × heads heatmap of
-one role's score (:func:`gptviz.plots.heads.head_roles_figure`; hover shows every role). Clicking a
-cell sends that head to the Generate view: its block and head sliders jump there and its attention
-heatmaps redraw.
+Opening the accordion measures every head once per shared model and probe
+(:func:`gptviz.analysis.heads.cached_head_roles`: one forward pass over a probe repeated twice:
+random tokens, or the start of The Verdict) and draws a layers × heads heatmap of one role's score
+(:func:`gptviz.plots.heads.head_roles_figure`; hover shows every role). Clicking a cell sends that
+head to the Generate view: its block and head sliders jump there and its attention heatmaps redraw.
 
 gr.Plot has no click event, so :data:`ATLAS_JS` (run once on page load, through
 ``demo.launch(js=...)``, see :func:`gptviz.ui.page.launch_kwargs`) bridges it: it listens for
@@ -32,6 +32,9 @@ from ..analysis.heads import ROLES, cached_head_roles
 from ..model import GPTModel
 from ..plots.heads import ROLE_LABELS, head_roles_figure
 from ..plots.style import empty_figure
+from ..settings import RANDOM
+from ..tokenizer import get_encoding
+from ..train import read_text
 from .components import Plot, csv_button, csv_file
 from .generate import GenerateView
 from .outputs import components, skip
@@ -41,10 +44,14 @@ from .step_view import THRESHOLD, role_note  # noqa: F401 (role_note: the atlas'
 __all__ = ["ATLAS_JS", "Atlas", "Jump", "AtlasView", "known_head_roles", "role_note"]
 
 DEFAULT_ROLE = "previous_token"
+#: The probes a visitor may choose: random token ids, or a real text (The Verdict's first tokens).
+PROBES = {"random": "random tokens, repeated", "verdict": "The Verdict, repeated"}
+VERDICT_PROBE_TOKENS = 256  # enough for two rows of the longest probe (2 × 64 tokens)
 TOP_N = 3  # heads named under the figure
 
 INTRO = (
-    "Each head is measured once on a **probe**: random tokens, then the same tokens again. A score is the "
+    "Each head is measured once on a **probe**: random tokens (or the start of The Verdict), then the same "
+    "tokens again. A score is the "
     "average attention the head puts where the role says: **previous token** (the token just before), "
     "**first token** (position 0), **induction** (in the repeat, the token that came *after* this token's "
     "first occurrence — what to copy next), **duplicate token** (this token's first occurrence) and **self**. "
@@ -132,16 +139,33 @@ def _check_role(role: Any) -> str:
     return role
 
 
-def _top_line(df: pd.DataFrame, role: str, label: str) -> str:
+def _check_probe(probe: Any) -> str:
+    if probe not in PROBES:
+        raise error(f"Unknown probe {probe!r}: choose one of {', '.join(PROBES)}.")
+    return probe
+
+
+def verdict_probe_ids() -> tuple[int, ...]:
+    """The first :data:`VERDICT_PROBE_TOKENS` tokens of The Verdict (the text probe)."""
+    return tuple(get_encoding().encode(read_text()[:4000])[:VERDICT_PROBE_TOKENS])
+
+
+def _top_line(df: pd.DataFrame, role: str, label: str, random_weights: bool = False, probe: str = "random") -> str:
     """Markdown naming the role's strongest heads (and what a low score means)."""
     top = df.nlargest(TOP_N, role)
     heads = ", ".join(f"block {int(r.layer)} · head {int(r.head)} ({getattr(r, role):.2f})"
                       for r in top.itertuples())
-    line = f"**Strongest {ROLE_LABELS[role]} heads** of {label}: {heads}."
-    if float(top[role].iloc[0]) < THRESHOLD:
-        line += (f" No head reaches {THRESHOLD}: random weights have no roles yet (their attention is about "
-                 "even); load gpt2 on the Model tab to see the heads training made.")
-    return line
+    line = f"**Strongest {ROLE_LABELS[role]} heads** of {label}, on {PROBES[probe]}: {heads}."
+    if float(top[role].iloc[0]) >= THRESHOLD:
+        return line
+    line += f" No head reaches {THRESHOLD} on this probe:"
+    if random_weights:
+        return line + (" random weights have no roles yet (their attention is about even); load gpt2 or the "
+                       "model trained here on the Model tab to see the heads training made.")
+    if probe == "random":
+        return line + (" this model shows no such head on random tokens. A model trained on a small text never "
+                       "saw most of them; try the probe on The Verdict.")
+    return line + " this model shows no such head on this text either."
 
 
 class AtlasView:
@@ -154,21 +178,26 @@ class AtlasView:
             return self.ctx.model(v)
 
     # --------------------------------------------------------------- handlers
-    def head_roles(self, role: str, request: gr.Request, progress: gr.Progress = gr.Progress()) -> Atlas:
+    def head_roles(self, role: str, request: gr.Request, probe: str = "random",
+                   progress: gr.Progress = gr.Progress()) -> Atlas:
         """What every head of your model does, for one role: a layers × heads heatmap of that role's
-        score (0 to 1; hover a cell for all five). Measured once per model (one forward pass over a
-        probe of random tokens repeated twice, a few seconds for the 124M model), then instant."""
-        role = _check_role(role)
+        score (0 to 1; hover a cell for all five). Measured once per model and probe (one forward pass
+        over a probe repeated twice: random tokens, or The Verdict's first tokens; a few seconds for
+        the 124M model), then instant."""
+        role, probe = _check_role(role), _check_probe(probe)
         v = self.ctx.visitor(request)
         model = self._model(v)
-        df = _heads.known_head_roles(model)
+        text = None if probe == "random" else verdict_probe_ids()
+        df = _heads.known_head_roles(model, text_ids=text)
         if df is None:
             progress(0, desc="Measuring every head on the probe (one forward pass)")
             try:
-                df = cached_head_roles(model)
+                df = cached_head_roles(model, text_ids=text)
             except ValueError as e:  # e.g. a context too short for the probe
                 raise error(f"Could not measure the heads of {v.spec.label}: {e}") from None
-        return Atlas(head_roles_figure(df, role), _top_line(df, role, v.spec.label),
+        title = f"Head roles: {ROLE_LABELS[role]} (probe: {PROBES[probe]})"
+        return Atlas(head_roles_figure(df, role, title=title),
+                     _top_line(df, role, v.spec.label, v.spec.source == RANDOM, probe),
                      csv_file(df, "head-roles", getattr(request, "session_hash", "")))
 
     def jump(self, text: str, request: gr.Request, step: Any = None) -> Jump:
@@ -193,8 +222,11 @@ class AtlasView:
         c = self.c
         with gr.Accordion("Head roles: what each head does", open=False, elem_id="atlas-acc") as c["atlas_acc"]:
             gr.Markdown(INTRO, elem_id="atlas-intro")
-            c["atlas_role"] = gr.Radio([(ROLE_LABELS[r], r) for r in ROLES], value=DEFAULT_ROLE, label="Role",
-                                       elem_id="atlas-role")
+            with gr.Row():
+                c["atlas_role"] = gr.Radio([(ROLE_LABELS[r], r) for r in ROLES], value=DEFAULT_ROLE, label="Role",
+                                           elem_id="atlas-role", scale=3)
+                c["atlas_probe"] = gr.Radio([(label, p) for p, label in PROBES.items()], value="random",
+                                            label="Probe", elem_id="atlas-probe", scale=2)
             c["atlas"] = Plot(empty_figure(CLOSED_MESSAGE, height=300), show_label=False,
                                  elem_id="head-atlas")
             c["atlas_top"] = gr.Markdown("", elem_id="atlas-top")
@@ -206,8 +238,8 @@ class AtlasView:
     def wire(self) -> None:
         c, ctx, g = self.c, self.ctx, self.generate.c
         shown = {**ctx.model_event, "show_progress": "full"}  # the first measurement reports progress
-        gr.on([c["atlas_acc"].expand, c["atlas_role"].input], ctx.turns(self.head_roles, Turns.ANALYSIS),
-              [c["atlas_role"]], components(Atlas, c), api_name="head_roles", trigger_mode="always_last",
+        gr.on([c["atlas_acc"].expand, c["atlas_role"].input, c["atlas_probe"].input],
+              ctx.turns(self.head_roles, Turns.ANALYSIS), [c["atlas_role"], c["atlas_probe"]], components(Atlas, c), api_name="head_roles", trigger_mode="always_last",
               **shown)
         viewed = [g["view_step"]] if "view_step" in g else []  # the Generate view's step selector
         c["atlas_click"].input(ctx.turns(self.jump), [c["atlas_click"], *viewed], components(Jump, g),

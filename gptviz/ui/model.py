@@ -1,5 +1,6 @@
-"""The Model view: which model this visitor explores (random weights of any configuration or
-released GPT-2 weights, in float32, bfloat16 or float16), its card, and switching."""
+"""The Model view: which model this visitor explores (random weights of any configuration, the model
+trained here and shipped with the app, or released GPT-2 weights, in float32, bfloat16 or float16),
+its card, and switching."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from typing import Any, NamedTuple
 import gradio as gr
 
 from ..config import CONFIG_FIELDS, PRESETS, config_from_fields
+from ..files.shipped import SHIPPED_NAME, shipped_config, shipped_figures
 from ..files.weights import PRETRAINED_NAMES, NeedsHeadsError, WeightsError, estimated_bytes, hub_repo_id, is_allowed_name, load_upload, pretrained_config, weights_source
 from ..params import count_params
-from ..settings import DTYPES, RANDOM, SEED
+from ..settings import DTYPES, RANDOM, SEED, SHIPPED
 from ..tokenizer import get_encoding
 from .generate import Details, Main
 from .html import md_code
@@ -22,8 +24,22 @@ from .serving import OWN, TRAINED, UPLOAD, AppContext, ModelSpec, Visitor, error
 
 UPLOAD_TYPES = [".safetensors", ".pth", ".pt"]
 
-#: The weights selector: random weights (seed 123) or a released GPT-2.
-WEIGHT_CHOICES = [(f"random weights (seed {SEED})", RANDOM)] + [(n, n) for n in PRETRAINED_NAMES]
+#: The weights selector: random weights (seed 123), the model trained here, or a released GPT-2.
+WEIGHT_CHOICES = ([(f"random weights (seed {SEED})", RANDOM), (f"{SHIPPED_NAME} (trained here, offline)", SHIPPED)]
+                  + [(n, n) for n in PRETRAINED_NAMES])
+
+
+def shipped_origin() -> str:
+    """The card's "weights" line of the shipped model, from its training.json."""
+    f = shipped_figures()
+    line = ("trained here with `gptviz.train` on Shakespeare's plays and The Verdict, shipped in "
+            f"`assets/models/{SHIPPED_NAME}` (no network)")
+    if f:
+        first, second = f["training"]["stage1_plays_and_verdict"], f["training"]["stage2_verdict"]
+        line += (f": {first['steps']:,} steps on the plays and the story ({first['tokens_seen']:,} tokens, "
+                 f"{first['wall_s'] / 60:.0f} min on one CPU thread), then {second['steps']} on The Verdict alone; "
+                 f"sha256 `{f['sha256'][:12]}…`; embedding stored as 8-bit rows, dequantised to float32")
+    return line
 
 
 #: A model switch resets the visitor's Generate view: the card, the sliders, then every output
@@ -47,9 +63,13 @@ class ModelView:
             model = self.ctx.models.get(spec) if loaded else None
         cfg = model.cfg if model is not None else spec.cfg or (pretrained_config(spec.source)
                                                                if is_allowed_name(spec.source) else None)
+        if cfg is None and spec.source == SHIPPED:
+            cfg = shipped_config()
         src = weights_source(model) if model is not None else None
         if spec.source == RANDOM:
             origin = f"random initialisation, `torch.manual_seed({SEED})` before `GPTModel(cfg)` (as the source)"
+        elif spec.source == SHIPPED:
+            origin = shipped_origin()
         elif spec.source == UPLOAD:
             origin = f"your upload {md_code(src.filename if src and src.filename else spec.name)}"
             if src is not None and src.sha256:
@@ -71,7 +91,8 @@ class ModelView:
             inferred = " (read from the tensors)" if spec.source == UPLOAD else ""
             rows.append(("config" + inferred, " · ".join(f"`{f}={getattr(cfg, f)}`" for f in CONFIG_FIELDS)))
         table = "\n".join(f"| {k} | {val} |" for k, val in rows)
-        return f"### {spec.label}\n\n| property | value |\n|---|---|\n{table}\n"
+        note = self.ctx.default_note if spec == self.ctx.default_spec and self.ctx.default_note else ""
+        return f"### {spec.label}\n\n{note + chr(10) * 2 if note else ''}| property | value |\n|---|---|\n{table}\n"
 
     def model_card(self, request: gr.Request) -> str:
         return self.card(self.ctx.visitor(request))
@@ -102,9 +123,11 @@ class ModelView:
 
     def load_weights(self, choice: str, dtype: str, request: gr.Request,
                      progress: gr.Progress = gr.Progress(track_tqdm=True)) -> Switched:
-        """The weights selector: random (seed 123, seed-124M) or a released GPT-2, in a dtype."""
+        """The weights selector: random (seed 123, seed-124M), the shipped model or a released GPT-2, in a dtype."""
         if choice == RANDOM:
             spec = ModelSpec(RANDOM, PRESETS["seed-124M"], self._dtype(dtype))
+        elif choice == SHIPPED:
+            spec = ModelSpec(SHIPPED, None, self._dtype(dtype))
         elif is_allowed_name(choice):
             spec = ModelSpec(choice, None, self._dtype(dtype))
         else:
@@ -202,7 +225,9 @@ class ModelView:
                                         label="Weights", elem_id="weights-choice")
                 c["dtype"] = gr.Radio(list(DTYPES), value=spec0.dtype, label="dtype", elem_id="dtype-choice")
                 c["load_btn"] = gr.Button("Load these weights", variant="primary", elem_id="load-btn")
-                gr.Markdown(f"Released weights download once from the Hugging Face Hub. A visitor may load or build "
+                gr.Markdown(f"**{SHIPPED_NAME}** was trained by gptviz itself (chapter 5's loop, on Shakespeare's "
+                            "plays and The Verdict) and ships with the app: it loads with no network. "
+                            f"Released weights download once from the Hugging Face Hub. A visitor may load or build "
                             f"up to **{self.ctx.settings.max_model_bytes / 1e9:.1f} GB** of weights (gpt2-xl needs "
                             "bfloat16 or float16 for that).", elem_id="model-note")
                 c["build_btn"] = gr.Button("Build random weights from the Parameters tab's configuration",

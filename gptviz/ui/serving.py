@@ -39,17 +39,17 @@ import gradio as gr
 import torch
 
 from ..analysis.inside import low_precision_copy
-from ..config import PRESETS, GPTConfig
-from ..files.weights import WeightsError, WeightsSource, estimated_bytes, is_allowed_name, load_pretrained
+from ..files.weights import WeightsError, estimated_bytes, hub_answers
 from ..generation.session import GenerationSession
-from ..kernels import choose_kernels, set_cpu_kernel
+from ..kernels import set_cpu_kernel
 from ..model import GPTModel
-from ..settings import DTYPES, RANDOM, SEED, Settings
+from ..settings import Settings
 from .components import rendered
 from .memory import MemoryBudget, drop_own, trim_heap
+from .models import OWN, TRAINED, UPLOAD, ModelSpec, build_model, start_model
 from .turns import ReadAhead, StepBatcher, Turns
 
-__all__ = ["UPLOAD", "TRAINED", "OWN", "ModelSpec", "ModelStore", "Visitor", "Visitors", "Turns", "StepBatcher", "AppContext", "build_model", "error"]
+__all__ = ["UPLOAD", "TRAINED", "OWN", "ModelSpec", "start_model", "ModelStore", "Visitor", "Visitors", "Turns", "StepBatcher", "AppContext", "build_model", "error"]
 
 
 def error(message: str) -> gr.Error:
@@ -58,75 +58,6 @@ def error(message: str) -> gr.Error:
 
 
 # --------------------------------------------------------------------------- shared models
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a shared model is made from; the key of the :class:`ModelStore`."""
-
-    source: str  # RANDOM, an allowed name, UPLOAD, TRAINED, or an operator's checkpoint path / repo id
-    cfg: GPTConfig | None = None  # the configuration of random weights (and of an upload)
-    dtype: str = "float32"
-    name: str = ""  # an upload: its file name and sha256 prefix
-
-    @property
-    def preset(self) -> str | None:
-        """The preset name of random weights' configuration (None if custom or not random)."""
-        return next((n for n, c in PRESETS.items() if c == self.cfg), None)
-
-    @property
-    def label(self) -> str:
-        if self.source == RANDOM:
-            return f"random weights (seed {SEED}), {self.preset or 'custom configuration'}, {self.dtype}"
-        if is_allowed_name(self.source):
-            return f"{self.source}, {self.dtype}"
-        if self.source == UPLOAD:
-            return f"your file {self.name}, {self.dtype}"
-        if self.source == TRAINED:
-            return f"the model you trained: {self.name}, {self.dtype}"
-        return f"the operator's checkpoint, {self.dtype}"  # never show a server path to visitors
-
-    def weight_bytes(self) -> int | None:
-        """Estimated bytes of the loaded model; None for an operator's path (its size is unknown)."""
-        if self.source in (RANDOM, *OWN):
-            return estimated_bytes(self.cfg, DTYPES[self.dtype])
-        if is_allowed_name(self.source):
-            return estimated_bytes(self.source, DTYPES[self.dtype])
-        return None
-
-    def peak_bytes(self) -> int:
-        """Bytes while it is made: random weights are initialised in float32, then converted."""
-        size = self.weight_bytes() or 0
-        return size + (estimated_bytes(self.cfg, torch.float32) if self.source == RANDOM and self.dtype != "float32"
-                       else 0)
-
-    @classmethod
-    def default(cls, settings: Settings) -> "ModelSpec":
-        """The model every visitor starts with: ``GPTVIZ_WEIGHTS`` in ``GPTVIZ_DTYPE``."""
-        if settings.weights == RANDOM:
-            return cls(RANDOM, PRESETS["seed-124M"], settings.dtype)
-        return cls(settings.weights, None, settings.dtype)
-
-
-UPLOAD = "upload"  # a visitor's own checkpoint: held by that visitor, never in the shared store
-TRAINED = "trained"  # a model the visitor trained on the Train view: theirs alone, as an upload is
-OWN = (UPLOAD, TRAINED)  # the sources whose model the visitor holds (Visitor.own)
-_SEED_LOCK = threading.Lock()  # seeding and initialising a random model is one atomic act
-
-
-def build_model(spec: ModelSpec, device: torch.device) -> GPTModel:
-    """Make the model a spec describes, on ``device``, in eval mode."""
-    dtype = DTYPES[spec.dtype]
-    if spec.source != RANDOM:
-        model = load_pretrained(spec.source, device=device, dtype=dtype)
-    else:
-        with _SEED_LOCK, torch.random.fork_rng(devices=[]):  # seeded init, without disturbing anyone's RNG
-            torch.manual_seed(SEED)
-            model = GPTModel(spec.cfg)
-        model = model.to(device=device, dtype=dtype).eval()
-        model.weights_source = WeightsSource.random(spec.cfg, SEED)
-    choose_kernels(model)  # NEW (speed): its shapes' CPU kernels timed now, not in a visitor's first Step
-    return model
 
 
 class ModelStore:
@@ -343,10 +274,12 @@ class Visitors:
 class AppContext:
     """Everything the views share: settings, models, visitors and the model's turns."""
 
-    def __init__(self, settings: Settings | None = None, default_spec: ModelSpec | None = None) -> None:
+    def __init__(self, settings: Settings | None = None, default_spec: ModelSpec | None = None,
+                 hub: Callable[[], tuple[bool, str]] = hub_answers) -> None:
         self.settings = settings or Settings.from_env()
         self.device = self.settings.torch_device
-        self.default_spec = default_spec or ModelSpec.default(self.settings)
+        # the start-up model, and why (the Model view says it); hub() is asked only for gpt2-or-shipped
+        self.default_spec, self.default_note = (default_spec, "") if default_spec else start_model(self.settings, hub)
         s = self.settings
         self.memory = MemoryBudget(self, s.max_total_bytes)  # one budget for all (gptviz.ui.memory)
         self.models = ModelStore(lambda spec: build_model(spec, self.device), s.model_store_capacity,
