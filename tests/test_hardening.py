@@ -25,7 +25,7 @@ from gptviz import GPTConfig, GPTModel, encode, get_encoding
 from gptviz.files.weights import PRETRAINED_NAMES, WeightsError
 from gptviz.generation.session import DEFAULT_MAX_RETAINED_BYTES
 from gptviz.settings import RANDOM, SHIPPED, Settings
-from gptviz.ui import LAUNCH_KWARGS, serving
+from gptviz.ui import LAUNCH_KWARGS, models, serving
 from gptviz.ui.generate import GenerateView
 from gptviz.ui.inside import InsideView
 from gptviz.ui.model import WEIGHT_CHOICES, ModelView
@@ -315,7 +315,7 @@ def test_allowed_names_reach_only_the_loader_by_name(a, tiny_cfg):
         raise WeightsError("offline")
 
     ctx = AppContext(LIMITS, default_spec=ModelSpec(RANDOM, tiny_cfg))  # its own store: nothing loaded yet
-    with mock.patch.object(serving, "load_pretrained", loader):  # the one loader the app's models come from
+    with mock.patch.object(models, "load_pretrained", loader):  # the one loader the app's models come from
         with pytest.raises(gr.Error, match="offline"):
             ModelView(ctx).load_weights("gpt2-medium", "bfloat16", request=a)
     assert asked == ["gpt2-medium"]  # a name, resolved to openai-community/ by gptviz.files.weights

@@ -89,8 +89,9 @@ def hf_config(cfg: GPTConfig) -> dict[str, Any]:
 
 def save_shipped(model: GPTModel, folder: str | Path, quantize: tuple[str, ...] = ("wte.weight",)) -> Path:
     """Write ``model`` as ``folder/model.safetensors`` + ``config.json`` (GPT-2 layout), the tensors in
-    ``quantize`` as int8 with a ``<name>_scale`` beside each; returns the weights file. The bytes depend
-    only on the weights (sorted keys, fixed metadata)."""
+    ``quantize`` as int8 with a ``<name>_scale`` beside each; returns the weights file. The tensors depend
+    only on the weights (sorted keys, fixed metadata); safetensors writes the two metadata entries in
+    its hash map's order, which varies between saves, so compare files by their tensors, not their bytes."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
