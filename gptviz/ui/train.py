@@ -273,23 +273,26 @@ class TrainView:
                 time.sleep(1.0)
             rows = max(1, SLICE_TOKENS // run.preset.max_length)
             while not trainer.done and not trainer._stop.is_set() and v.training is run:
-                slices = trainer.step_in_slices(rows)
-                while True:  # a turn per slice of the optimizer step: Steps run in between
-                    with self.ctx.turn.turn(Turns.TRAIN):
-                        try:
-                            next(slices)
-                            continue
-                        except StopIteration as finished:
-                            run.last = finished.value
-                        if run.last.sample is not None:
-                            run.samples.append(run.last.sample)
-                        out = rendered(self.shown(run, self.status(run, "Training")))
-                    break
+                run.last = self._step_in_turns(trainer, rows)
+                if run.last.sample is not None:
+                    run.samples.append(run.last.sample)
+                with self.ctx.turn.turn(Turns.TRAIN):  # the figures are drawn in a turn too (gptviz.ui.serving)
+                    out = rendered(self.shown(run, self.status(run, "Training")))
                 yield out
         finally:
             self.line.leave(key)
         state = "Done" if trainer.done else "Stopped" if run.stopped else "Paused"
         yield rendered(self.shown(run, self.status(run, state)))
+
+    def _step_in_turns(self, trainer: Trainer, rows: int) -> TrainStep:
+        """One optimizer step, a turn per slice (Trainer.step_in_slices): Steps run in between."""
+        slices = trainer.step_in_slices(rows)
+        while True:
+            with self.ctx.turn.turn(Turns.TRAIN):
+                try:
+                    next(slices)
+                except StopIteration as finished:
+                    return finished.value
 
     def pause(self, request: gr.Request) -> str:
         run = self.ctx.visitor(request).training
